@@ -1,0 +1,167 @@
+// Per-batch class statistics on CUDA: counts, class means and per-class sums of squared
+// deviations about those means, in two passes over the batch, accumulated in float64
+// (see csrc/cpu/class_stats_cpu.cpp for why).
+//
+// Pass 1 (sums): a block owns 32 columns x a range of rows. With few classes it keeps
+// the (K, 32) partial sums in shared memory and flushes them with one global atomic
+// each; with many classes it adds straight into global memory (the same atomics
+// index_add_ issues). Pass 2 (squares): one warp per row, coalesced over d, a warp
+// reduction, then one atomic per row into a per-block (K,) shared array.
+// Labels outside [0, K) are skipped; the Python wrapper validates them.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../checks.h"
+#include "reduce.cuh"
+
+namespace collapse_ext {
+namespace {
+
+constexpr int kTileCols = 32;
+constexpr int kRowLanes = 8;
+constexpr int64_t kSharedBytes = 48 * 1024;
+
+template <typename scalar_t>
+__device__ __forceinline__ double to_double(scalar_t v) {
+  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
+}
+
+template <typename scalar_t, typename label_t, bool kShared>
+__global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
+                                  const label_t* __restrict__ y, int64_t n, int64_t d,
+                                  int64_t num_classes, int64_t rows_per_block,
+                                  double* __restrict__ sums, int64_t* __restrict__ counts) {
+  extern __shared__ double shared_sums[];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kTileCols + tx;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + tx;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t r1 = min(n, r0 + rows_per_block);
+  if (kShared) {
+    for (int64_t s = tid; s < num_classes * kTileCols; s += kTileCols * kRowLanes) shared_sums[s] = 0.0;
+    __syncthreads();
+  }
+  for (int64_t i = r0 + ty; i < r1; i += kRowLanes) {
+    const int64_t k = static_cast<int64_t>(y[i]);
+    if (k < 0 || k >= num_classes) continue;
+    if (blockIdx.x == 0 && tx == 0) atomicAdd(reinterpret_cast<unsigned long long*>(counts + k), 1ull);
+    if (col >= d) continue;
+    const double v = to_double(x[i * row_stride + col]);
+    if (kShared)
+      atomicAdd(shared_sums + k * kTileCols + tx, v);
+    else
+      atomicAdd(sums + k * d + col, v);
+  }
+  if (kShared) {
+    __syncthreads();
+    for (int64_t s = tid; s < num_classes * kTileCols; s += kTileCols * kRowLanes) {
+      const int64_t k = s / kTileCols, c = blockIdx.x * kTileCols + s % kTileCols;
+      const double v = shared_sums[s];
+      if (c < d && v != 0.0) atomicAdd(sums + k * d + c, v);
+    }
+  }
+}
+
+template <typename scalar_t, typename label_t, bool kShared>
+__global__ void class_sqdev_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
+                                   const label_t* __restrict__ y, int64_t n, int64_t d,
+                                   int64_t num_classes, const double* __restrict__ means,
+                                   double* __restrict__ sqdev) {
+  extern __shared__ double shared_sqdev[];
+  if (kShared) {
+    for (int64_t s = threadIdx.x; s < num_classes; s += blockDim.x) shared_sqdev[s] = 0.0;
+    __syncthreads();
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t i = first; i < n; i += stride) {
+    const int64_t k = static_cast<int64_t>(y[i]);
+    if (k < 0 || k >= num_classes) continue;
+    const scalar_t* row = x + i * row_stride;
+    const double* mean = means + k * d;
+    double s = 0.0;
+    for (int64_t j = lane; j < d; j += kWarp) {
+      const double diff = to_double(row[j]) - mean[j];
+      s += diff * diff;
+    }
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(kShared ? shared_sqdev + k : sqdev + k, s);
+  }
+  if (kShared) {
+    __syncthreads();
+    for (int64_t s = threadIdx.x; s < num_classes; s += blockDim.x)
+      if (shared_sqdev[s] != 0.0) atomicAdd(sqdev + s, shared_sqdev[s]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cuda(const at::Tensor& features,
+                                                                const at::Tensor& labels,
+                                                                int64_t num_classes) {
+  check_features_labels(features, labels);
+  TORCH_CHECK(num_classes > 0, "num_classes must be a positive int, got ", num_classes);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  auto counts = at::zeros({num_classes}, labels.options().dtype(at::kLong));
+  auto means = at::zeros({num_classes, d}, x.options().dtype(at::kDouble));
+  auto sqdev = at::zeros({num_classes}, x.options().dtype(at::kDouble));
+  if (n == 0) return {counts, means, sqdev};
+
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t col_tiles = std::max<int64_t>(1, (d + kTileCols - 1) / kTileCols);
+  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, (4 * sms + col_tiles - 1) / col_tiles));
+  const int64_t rows_per_block = (n + row_blocks - 1) / row_blocks;
+  const int64_t sum_shared = num_classes * kTileCols * sizeof(double);
+  const int64_t sq_shared = num_classes * sizeof(double);
+  constexpr int kSqThreads = 256;
+  const int64_t sq_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 7) / 8, 8 * sms));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_stats_cuda", [&] {
+    using scalar = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "class_stats_cuda", [&] {
+      const dim3 block(kTileCols, kRowLanes);
+      const dim3 grid(col_tiles, row_blocks);
+      if (sum_shared <= kSharedBytes) {
+        class_sums_kernel<scalar, index_t, true><<<grid, block, sum_shared, stream>>>(
+            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
+            num_classes, rows_per_block, means.data_ptr<double>(), counts.data_ptr<int64_t>());
+      } else {
+        class_sums_kernel<scalar, index_t, false><<<grid, block, 0, stream>>>(
+            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
+            num_classes, rows_per_block, means.data_ptr<double>(), counts.data_ptr<int64_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      means.div_(counts.clamp_min(1).unsqueeze(1).to(at::kDouble));
+      if (d == 0) return;
+      if (sq_shared <= kSharedBytes) {
+        class_sqdev_kernel<scalar, index_t, true><<<sq_blocks, kSqThreads, sq_shared, stream>>>(
+            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
+            num_classes, means.const_data_ptr<double>(), sqdev.data_ptr<double>());
+      } else {
+        class_sqdev_kernel<scalar, index_t, false><<<sq_blocks, kSqThreads, 0, stream>>>(
+            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
+            num_classes, means.const_data_ptr<double>(), sqdev.data_ptr<double>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {counts, means, sqdev};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(collapse_ext, CUDA, m) { m.impl("class_stats", &class_stats_cuda); }
+
+}  // namespace collapse_ext
