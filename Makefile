@@ -29,7 +29,7 @@ demo: build
 	$(PY) -m collapse_ext.cli demo
 
 bench: build
-	$(PY) benchmarks/run_all.py
+	PYTHONPATH=. $(PY) benchmarks/bench_class_stats.py
 
 lint: $(DEPS)
 	$(PY) -m ruff check collapse_ext tests benchmarks setup.py

@@ -24,6 +24,28 @@ int64_t column_block(int64_t d) {
   return std::max<int64_t>(64, (d + threads - 1) / threads);
 }
 
+// sum_j (row[j] - mean[j])^2 over [j0, j1) with independent partial sums, so the
+// compiler can vectorise the reduction without -ffast-math reassociation.
+template <typename scalar_t>
+double squared_distance(const scalar_t* row, const double* mean, int64_t j0, int64_t j1) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t j = j0;
+  for (; j + kLanes <= j1; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double diff = static_cast<double>(row[j + l]) - mean[j + l];
+      lanes[l] += diff * diff;
+    }
+  }
+  double s = 0.0;
+  for (; j < j1; ++j) {
+    const double diff = static_cast<double>(row[j]) - mean[j];
+    s += diff * diff;
+  }
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
 template <typename scalar_t, typename label_t>
 void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n,
                         int64_t d, int64_t num_classes, int64_t* counts, double* means,
@@ -62,12 +84,7 @@ void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y,
         if (k < 0 || k >= num_classes) continue;
         const scalar_t* row = x + i * row_stride;
         const double* mean = means + k * d;
-        double s = 0.0;
-        for (int64_t j = j0; j < j1; ++j) {
-          const double diff = static_cast<double>(row[j]) - mean[j];
-          s += diff * diff;
-        }
-        acc[k] += s;
+        acc[k] += squared_distance(row, mean, j0, j1);
       }
     }
   });

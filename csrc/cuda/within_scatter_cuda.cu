@@ -1,10 +1,9 @@
 // Pooled within-class scatter on CUDA: sum_i (h_i - m_{y_i})(h_i - m_{y_i})^T, or its
 // projection B^T S B onto a basis B (d, r).
 //
-// A chunk of rows is centred by a bandwidth-bound kernel (float64 subtraction, one
-// rounding to the compute dtype) and multiplied by cuBLAS, accumulated in float64.
-// cuBLAS's GEMM is far beyond a hand-fused centring product, and the chunk (at most
-// kChunkBytes) stays in L2-friendly sizes without ever holding a centred (N, d) copy.
+// A chunk of rows (at most 256 MiB) is centred by a bandwidth-bound kernel and
+// multiplied by cuBLAS, accumulated in float64: cuBLAS's GEMM is far beyond a
+// hand-fused centring product, and no centred (N, d) copy of a large batch is made.
 // fp32 products honour torch.backends.cuda.matmul.allow_tf32 (off by default): with
 // TF32 on, the scatter is only TF32-accurate.
 #include <ATen/Dispatch.h>
@@ -18,18 +17,19 @@
 #include <algorithm>
 #include <optional>
 
-#include "../checks.h"
+#include "../within_scatter.h"
 
 namespace collapse_ext {
 namespace {
 
 constexpr int64_t kChunkBytes = 256 << 20;
+constexpr int64_t kMinRows = 1024;
+constexpr int kThreads = 256;
 
 template <typename scalar_t, typename label_t, typename compute_t>
-__global__ void centre_rows_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
-                                   const label_t* __restrict__ y, const double* __restrict__ means,
-                                   int64_t num_classes, int64_t rows, int64_t d,
-                                   compute_t* __restrict__ out) {
+__global__ void within_scatter_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
+                                      const label_t* __restrict__ y, const double* __restrict__ means,
+                                      int64_t num_classes, int64_t rows, int64_t d, compute_t* __restrict__ out) {
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
     const int64_t k = static_cast<int64_t>(y[i]);
     const bool valid = k >= 0 && k < num_classes;
@@ -41,58 +41,32 @@ __global__ void centre_rows_kernel(const scalar_t* __restrict__ x, int64_t row_s
   }
 }
 
-at::Tensor within_scatter_cuda(const at::Tensor& features, const at::Tensor& labels,
-                               const at::Tensor& means, const std::optional<at::Tensor>& basis) {
-  check_features_labels(features, labels);
-  check_means(means, features);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t n = features.size(0), d = features.size(1), num_classes = means.size(0);
-  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor proj;
-  if (basis.has_value()) {
-    CE_CHECK_DIM(*basis, 2, "basis", "(d, r)");
-    CE_CHECK_FLOAT(*basis, "basis");
-    CE_CHECK_SIZE(*basis, 0, d, "basis", "d (the columns of features)");
-    CE_CHECK_SAME_DEVICE(*basis, features, "basis", "features");
-    proj = basis->to(compute).contiguous();
-  }
-  const int64_t r = proj.defined() ? proj.size(1) : d;
-  auto acc = at::zeros({r, r}, features.options().dtype(at::kDouble));
-  if (n == 0 || d == 0 || r == 0) return acc;
-
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const at::Tensor mu = means.to(at::kDouble).contiguous();
-  const int64_t elem = compute == at::kDouble ? 8 : 4;
-  const int64_t chunk = std::min(n, std::max<int64_t>(1024, kChunkBytes / (elem * d)));
-  auto buffer = at::empty({chunk, d}, x.options().dtype(compute));
-  auto product = at::empty({r, r}, x.options().dtype(compute));
+void centre_chunk_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu, int64_t start,
+                       int64_t rows, at::Tensor& buffer) {
+  const int64_t d = x.size(1);
+  const dim3 grid(std::min<int64_t>((d + kThreads - 1) / kThreads, 64), std::min<int64_t>(rows, 65535));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
-
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t rows = std::min(chunk, n - start);
-    const dim3 grid(std::min<int64_t>((d + kThreads - 1) / kThreads, 64), std::min<int64_t>(rows, 65535));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "within_scatter_cuda", [&] {
-      using scalar = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "within_scatter_cuda", [&] {
-        const scalar* px = x.const_data_ptr<scalar>() + start * x.stride(0);
-        const index_t* py = y.const_data_ptr<index_t>() + start;
-        if (compute == at::kDouble)
-          centre_rows_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, mu.const_data_ptr<double>(),
-                                                            num_classes, rows, d, buffer.data_ptr<double>());
-        else
-          centre_rows_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, mu.const_data_ptr<double>(),
-                                                            num_classes, rows, d, buffer.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "within_scatter_cuda", [&] {
+    using scalar = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "within_scatter_cuda", [&] {
+      const scalar* px = x.const_data_ptr<scalar>() + start * x.stride(0);
+      const index_t* py = y.const_data_ptr<index_t>() + start;
+      const double* pm = mu.const_data_ptr<double>();
+      if (buffer.scalar_type() == at::kDouble)
+        within_scatter_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, pm, mu.size(0), rows, d,
+                                                             buffer.data_ptr<double>());
+      else
+        within_scatter_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, pm, mu.size(0), rows, d,
+                                                             buffer.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    at::Tensor centred = buffer.narrow(0, 0, rows);
-    if (proj.defined()) centred = at::mm(centred, proj);
-    at::mm_out(product, centred.t(), centred);
-    acc.add_(product);
-  }
-  return acc;
+  });
+}
+
+at::Tensor within_scatter_cuda(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& means,
+                               const std::optional<at::Tensor>& basis) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return within_scatter_chunked(features, labels, means, basis, kChunkBytes, kMinRows, centre_chunk_cuda);
 }
 
 }  // namespace
