@@ -38,36 +38,37 @@ def copy_bandwidth(x: torch.Tensor, device: torch.device) -> float:
     return 2 * x.numel() * x.element_size() / t / 1e9
 
 
-def run(shapes, device, skip_reference_above=None):
+def bench_shape(n, d, k, repeats, device):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, d, generator=g) + 3.0).to(device)
+    y = torch.randint(0, k, (n,), generator=g).to(device)
+    flops = 2.0 * n * d * d
+    stats_bytes = 2 * x.numel() * x.element_size()  # class_stats reads the batch twice
+    t_gemm = timeit(lambda: x.T @ x, device, repeats)
+    t_ours = timeit(lambda: ours(x, y, k), device, repeats)
+    t_stats = timeit(lambda: class_stats(x, y, k), device, repeats)
+    t_ref = timeit(lambda: reference(x, y, k), device, max(1, repeats // 2))
+    row = {
+        "shape": f"N={n} d={d} K={k}",
+        "reference ms": f"{1e3 * t_ref:.1f}",
+        "X^T X (floor) ms": f"{1e3 * t_gemm:.1f}",
+        "ours ms": f"{1e3 * t_ours:.1f}",
+        "ours / floor": f"{t_ours / t_gemm:.2f}x",
+        "speed-up vs reference": f"{t_ref / t_ours:.1f}x",
+        "ours GFLOP/s": f"{flops / t_ours / 1e9:.0f}",
+        "GEMM GFLOP/s": f"{flops / t_gemm / 1e9:.0f}",
+        "class_stats GB/s": f"{stats_bytes / t_stats / 1e9:.1f}",
+    }
+    if device.type == "cuda":
+        row["class_stats % of copy BW"] = f"{100 * stats_bytes / t_stats / 1e9 / copy_bandwidth(x, device):.0f}%"
+    return row
+
+
+def run(shapes, device):
     rows = []
     for n, d, k, repeats in shapes:
-        g = torch.Generator().manual_seed(0)
-        x = (torch.randn(n, d, generator=g) + 3.0).to(device)
-        y = torch.randint(0, k, (n,), generator=g).to(device)
-        flops = 2.0 * n * d * d
-        t_gemm = timeit(lambda: x.T @ x, device, repeats)
-        t_ours = timeit(lambda: ours(x, y, k), device, repeats)
-        t_stats = timeit(lambda: class_stats(x, y, k), device, repeats)
-        row = {
-            "shape": f"N={n} d={d} K={k}",
-            "X^T X (floor) ms": f"{1e3 * t_gemm:.1f}",
-            "ours ms": f"{1e3 * t_ours:.1f}",
-            "ours / floor": f"{t_ours / t_gemm:.2f}x",
-            "ours GFLOP/s": f"{flops / t_ours / 1e9:.0f}",
-            "GEMM GFLOP/s": f"{flops / t_gemm / 1e9:.0f}",
-            "class_stats GB/s": f"{2 * x.numel() * 4 / t_stats / 1e9:.1f}",
-        }
-        if skip_reference_above is None or n * d <= skip_reference_above:
-            t_ref = timeit(lambda: reference(x, y, k), device, max(1, repeats // 2))
-            row["reference ms"] = f"{1e3 * t_ref:.1f}"
-            row["speed-up vs reference"] = f"{t_ref / t_ours:.1f}x"
-        if device.type == "cuda":
-            bw = copy_bandwidth(x, device)
-            row["class_stats % of copy BW"] = f"{100 * (2 * x.numel() * 4 / t_stats / 1e9) / bw:.0f}%"
-        rows.append(row)
+        rows.append(bench_shape(n, d, k, repeats, device))
         print(rows[-1], flush=True)
-        del x, y
-        sync(device)
     return rows
 
 
