@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine, markdown, sync, timeit, write_json
+from common import machine, markdown, timeit, write_json
 
 from collapse_ext import ClassStats, class_stats
 from collapse_ext.reference import class_stats_reference, within_scatter_reference
