@@ -216,6 +216,10 @@ def kkt_residual(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, E_W, E
 # ----------------------------------------------------------------------------- the loop
 
 
+def _rows(tensors: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.index_select(0, index) for t in tensors)
+
+
 def _iterate(stepper, X, Xp, theta, step, consts, *, max_iter, tol, ftol, chunk):
     """Chunks of ``stepper`` iterations on the active instances until each one stops.
 
@@ -232,8 +236,9 @@ def _iterate(stepper, X, Xp, theta, step, consts, *, max_iter, tol, ftol, chunk)
     done = 0
     while active.numel() > 0 and done < max_iter:
         n = min(chunk, max_iter - done)
-        sub = lambda ts: tuple(t.index_select(0, active) for t in ts)  # noqa: E731
-        nX, nXp, ntheta, nobj, npg = stepper(sub(X), sub(Xp), theta[active], step[active], sub(consts), n)
+        nX, nXp, ntheta, nobj, npg = stepper(
+            _rows(X, active), _rows(Xp, active), theta[active], step[active], _rows(consts, active), n
+        )
         f0 = objective[active]
         # Rounding alone can raise a converged objective by a few ulps: only a larger rise
         # counts as a failed chunk.
@@ -397,7 +402,9 @@ def solve(
     if loss_weights is not None:
         lw = torch.as_tensor(loss_weights, dtype=torch.float64).detach().cpu()
         if lw.dim() not in (1, 2) or lw.shape[-1] != n.shape[-1]:
-            raise ValueError(f"Expected `loss_weights` to be (K,) or (B, K) with K = {n.shape[-1]}, got {tuple(lw.shape)}")
+            raise ValueError(
+                f"Expected `loss_weights` to be (K,) or (B, K) with K = {n.shape[-1]}, got {tuple(lw.shape)}"
+            )
         if not torch.isfinite(lw).all() or (lw < 0).any():
             raise ValueError("Expected `loss_weights` to be finite and non-negative")
     B = _batch_size(n if n.dim() == 2 else 0, E_W, E_H, lw if lw is not None and lw.dim() == 2 else 0)
@@ -696,6 +703,8 @@ def minority_collapse_sweep(
     oversample: bool = False,
     threshold: bool = False,
     spread_tol: float = 1e-3,
+    points: int = 8,
+    rounds: int = 6,
     **solve_kwargs,
 ) -> SweepResult:
     """Solve the imbalanced LPM for every ratio R in one batch (Fang et al. 2021, Sec. 3).
@@ -703,7 +712,8 @@ def minority_collapse_sweep(
     K_A majority classes of size R, K - K_A minority classes of size 1 (only proportions
     matter). oversample=True multiplies the minority loss weights by R (oversampling by
     w_r = R), which restores the balanced problem. threshold=True also estimates R_0, the
-    smallest R whose minority spread is below ``spread_tol`` (``estimate_threshold``).
+    smallest R whose minority spread is below ``spread_tol`` (``estimate_threshold`` with
+    ``points`` and ``rounds``, searched between the smallest and largest ratio).
     solve_kwargs go to ``solve`` (dim, loss, method, max_iter, tol, seed, device, dtype, ...).
     """
     K, K_A, r = _sweep_args(K, K_A, ratios)
@@ -717,7 +727,18 @@ def minority_collapse_sweep(
     stats = {k: v.double().cpu() for k, v in minority_stats(res.W, minority).items()}
     R0 = None
     if threshold:
-        R0 = estimate_threshold(K, K_A, E_W, E_H, spread_tol=spread_tol, lo=float(r.min()), hi=float(r.max()), **solve_kwargs)
+        R0 = estimate_threshold(
+            K,
+            K_A,
+            E_W,
+            E_H,
+            spread_tol=spread_tol,
+            lo=float(r.min()),
+            hi=float(r.max()),
+            points=points,
+            rounds=rounds,
+            **solve_kwargs,
+        )
     return SweepResult(
         ratio=r,
         objective=res.objective.double().cpu(),
