@@ -38,10 +38,11 @@ acc_t logit_grad(const acc_t* x, const acc_t* c, int64_t K, int64_t p, LpmLoss l
     if (loss == LpmLoss::kCrossEntropy) {
       acc_t m = z[0];
       for (int64_t j = 1; j < K; ++j) m = std::max(m, z[j]);
+      const acc_t zk = z[k];
       acc_t sum = 0;
-      for (int64_t j = 0; j < K; ++j) sum += std::exp(z[j] - m);
-      objective += c[k] * (m + std::log(sum) - z[k]);
-      for (int64_t j = 0; j < K; ++j) z[j] = c[k] * (std::exp(z[j] - m) / sum - (j == k ? acc_t(1) : acc_t(0)));
+      for (int64_t j = 0; j < K; ++j) sum += (z[j] = std::exp(z[j] - m));
+      objective += c[k] * (m + std::log(sum) - zk);
+      for (int64_t j = 0; j < K; ++j) z[j] = c[k] * (z[j] / sum - (j == k ? acc_t(1) : acc_t(0)));
     } else {
       acc_t sq = 0;
       for (int64_t j = 0; j < K; ++j) {

@@ -52,10 +52,11 @@ __device__ acc_t logit_grad(const acc_t* x, const acc_t* c, int K, int p, LpmLos
     if (loss == LpmLoss::kCrossEntropy) {
       acc_t m = z[0];
       for (int j = 1; j < K; ++j) m = max(m, z[j]);
+      const acc_t zk = z[k];
       acc_t sum = 0;
-      for (int j = 0; j < K; ++j) sum += exp(z[j] - m);
-      objective += c[k] * (m + log(sum) - z[k]);
-      for (int j = 0; j < K; ++j) z[j] = c[k] * (exp(z[j] - m) / sum - (j == k ? acc_t(1) : acc_t(0)));
+      for (int j = 0; j < K; ++j) sum += (z[j] = exp(z[j] - m));
+      objective += c[k] * (m + log(sum) - zk);
+      for (int j = 0; j < K; ++j) z[j] = c[k] * (z[j] / sum - (j == k ? acc_t(1) : acc_t(0)));
     } else {
       acc_t sq = 0;
       for (int j = 0; j < K; ++j) {
