@@ -117,6 +117,19 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.collapse_ext.lpm_step.default, (*args, 0, "mse", False))
 
 
+def test_compiles_under_torch_compile(device):
+    args = _inputs(3, 4, 5, seed=23, device=device)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(*a):
+        W, H, *_, objective, pg_norm = lpm_step(*a, 5, "ce", True)
+        return W * 2, objective
+
+    W2, objective = f(*args)
+    ref = lpm_step_reference(*[a.cpu() for a in args], 5, "ce", True)
+    assert rel_err(W2, 2 * ref[0]) <= 1e-12 and rel_err(objective, ref[5]) <= 1e-12
+
+
 def test_bad_input_messages(device):
     args = _inputs(2, 3, 4, device=device)
     W, H, W_prev, H_prev, theta, weights, E_W, E_H, step = args
