@@ -4,9 +4,10 @@
 // shared memory, with the (K, K) logit/gradient matrix and the class weights; all
 // num_iters iterations run inside the kernel, so a sweep of thousands of small instances
 // costs one launch per chunk instead of ~20 per iteration. Each thread owns up to
-// kMaxPerThread entries of X: it keeps the extrapolated point Y and the trial point of
-// its entries in registers, which lets the new iterate overwrite Y in place and keeps
-// shared memory at 2 * 2Kp + K^2 + K numbers (K = p = 64 in float64: 160 KiB).
+// kMaxPerThread entries of X (4 for small instances): it keeps the extrapolated point Y
+// and the trial point of its entries in registers, which lets the new iterate overwrite
+// Y in place and keeps shared memory at 2 * 2Kp + K^2 + K numbers (K = p = 64 in
+// float64: 160 KiB).
 // Arithmetic in at::opmath_type<scalar_t>; block reductions in a fixed order, so results
 // are deterministic. The iteration is documented in collapse_ext/_ops.py (lpm_step) and
 // written out plainly in collapse_ext/reference.py (lpm_step_reference).
@@ -92,7 +93,9 @@ __device__ __forceinline__ acc_t ball_scale(acc_t norm_sq, acc_t radius_sq) {
   return norm_sq > radius_sq ? sqrt(radius_sq / norm_sq) : acc_t(1);
 }
 
-template <typename scalar_t>
+// kPerThread: the entries of X a thread owns (registers for Y and the trial point). Small
+// instances use 4 so that many blocks fit on an SM; large ones (2Kp > 4 * 512) use 16.
+template <typename scalar_t, int kPerThread>
 __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepParams<scalar_t> P) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -117,14 +120,14 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
   acc_t theta = P.theta[b];
   __syncthreads();
 
-  acc_t y[kMaxPerThread], t[kMaxPerThread];
+  acc_t y[kPerThread], t[kPerThread];
   for (int64_t it = 0; it < P.num_iters; ++it) {
     const acc_t theta_next = P.momentum ? (1 + sqrt(1 + 4 * theta * theta)) / 2 : theta;
     const acc_t beta = P.momentum ? (theta - 1) / theta_next : acc_t(0);
     // Y = X + beta (X - X_prev) replaces X_prev (its last use); without momentum Y = X
     // and X_prev only receives the new iterate below.
 #pragma unroll
-    for (int i = 0; i < kMaxPerThread; ++i) {
+    for (int i = 0; i < kPerThread; ++i) {
       const int e = threadIdx.x + i * blockDim.x;
       if (e < n) {
         y[i] = P.momentum ? x[e] + beta * (x[e] - xp[e]) : x[e];
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
     logit_grad(yy, c, K, p, P.loss, G);
     acc_t nw = 0, nh = 0;
 #pragma unroll
-    for (int i = 0; i < kMaxPerThread; ++i) {
+    for (int i = 0; i < kPerThread; ++i) {
       const int e = threadIdx.x + i * blockDim.x;
       if (e < n) {
         t[i] = y[i] - eta * param_grad(yy, G, K, p, e);
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
     const acc_t sw = ball_scale(nw, rw), sh = ball_scale(nh, rh);
     acc_t dot = 0;
 #pragma unroll
-    for (int i = 0; i < kMaxPerThread; ++i) {
+    for (int i = 0; i < kPerThread; ++i) {
       const int e = threadIdx.x + i * blockDim.x;
       if (e < n) {
         t[i] *= e < kp ? sw : sh;
@@ -159,7 +162,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
     if (P.momentum) dot = block_sum(dot, scratch);
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < kMaxPerThread; ++i) {
+    for (int i = 0; i < kPerThread; ++i) {
       const int e = threadIdx.x + i * blockDim.x;
       if (e < n) xp[e] = t[i];
     }
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
   acc_t objective = block_sum(logit_grad(x, c, K, p, P.loss, G), scratch);
   acc_t nw = 0, nh = 0;
 #pragma unroll
-  for (int i = 0; i < kMaxPerThread; ++i) {
+  for (int i = 0; i < kPerThread; ++i) {
     const int e = threadIdx.x + i * blockDim.x;
     if (e < n) {
       t[i] = x[e] - eta * param_grad(x, G, K, p, e);
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
   const acc_t sw = ball_scale(nw, rw), sh = ball_scale(nh, rh);
   acc_t pg = 0;
 #pragma unroll
-  for (int i = 0; i < kMaxPerThread; ++i) {
+  for (int i = 0; i < kPerThread; ++i) {
     const int e = threadIdx.x + i * blockDim.x;
     if (e < n) {
       const acc_t d = x[e] - t[i] * (e < kp ? sw : sh);
@@ -234,12 +237,14 @@ LpmStepResult lpm_step_cuda(const at::Tensor& W, const at::Tensor& H, const at::
     TORCH_CHECK(shared_bytes <= shared_limit, "lpm_step on CUDA needs ", shared_bytes,
                 " bytes of shared memory per instance for K = ", K, ", p = ", p, " in ", W.scalar_type(),
                 "; this GPU allows ", shared_limit, " (use float32, a smaller p, or the CPU)");
+    const auto kernel = entries <= int64_t(threads) * kTargetPerThread ? lpm_step_kernel<scalar_t, kTargetPerThread>
+                                                                       : lpm_step_kernel<scalar_t, kMaxPerThread>;
     if (shared_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(lpm_step_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
     }
     const auto P = make_lpm_step_params<scalar_t>(in, out, num_iters, loss_kind, momentum);
-    lpm_step_kernel<scalar_t><<<static_cast<unsigned>(B), threads, shared_bytes, stream>>>(P);
+    kernel<<<static_cast<unsigned>(B), threads, shared_bytes, stream>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return lpm_step_result(out);
