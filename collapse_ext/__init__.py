@@ -1,7 +1,8 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
-from . import reference
-from ._ops import class_stats, cuda_compiled, within_scatter
+from . import lpm, reference
+from ._ops import class_stats, cuda_compiled, lpm_step, within_scatter
+from .lpm import minority_collapse_sweep, simplex_etf
 from .stats import ClassStats
 
 __version__ = "0.1.0"
@@ -10,6 +11,10 @@ __all__ = [
     "ClassStats",
     "class_stats",
     "cuda_compiled",
+    "lpm",
+    "lpm_step",
+    "minority_collapse_sweep",
     "reference",
+    "simplex_etf",
     "within_scatter",
 ]

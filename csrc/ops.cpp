@@ -37,4 +37,8 @@ TORCH_LIBRARY(collapse_ext, m) {
   // Pairwise and nearest-centre metrics.
 
   // Layer-Peeled Model.
+  m.def(
+      "lpm_step(Tensor W, Tensor H, Tensor W_prev, Tensor H_prev, Tensor theta, Tensor weights, "
+      "Tensor E_W, Tensor E_H, Tensor step, int num_iters, str loss=\"ce\", bool momentum=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
