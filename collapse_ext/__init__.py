@@ -1,7 +1,7 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
 from . import reference
-from ._ops import class_stats, cuda_compiled, within_scatter
+from ._ops import class_stats, cuda_compiled, nearest_centre, pairwise_stats, within_scatter
 from .metrics import (
     CollapseMetrics,
     SeparationLaw,
@@ -22,7 +22,9 @@ __all__ = [
     "collapse_metrics",
     "cuda_compiled",
     "fit_separation_law",
+    "nearest_centre",
     "nearest_centre_counts",
+    "pairwise_stats",
     "reference",
     "separation_fuzziness",
     "within_scatter",

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .reference import PAIRWISE_FIELDS, pairwise_stats_reference
+from ._ops import nearest_centre, pairwise_stats, within_scatter
+from .reference import PAIRWISE_FIELDS
 from .stats import ClassStats
 
 __all__ = [
@@ -147,7 +148,7 @@ def _pairwise(
 ) -> torch.Tensor:
     if subset is not None and not isinstance(subset, torch.Tensor):
         subset = torch.as_tensor(subset, dtype=torch.int64, device=rows.device)
-    return pairwise_stats_reference(rows, variances, subset, riesz_s, cdnv_p)
+    return pairwise_stats(rows, variances, subset, riesz_s, cdnv_p)
 
 
 # ----------------------------------------------------------------------------- NC1
@@ -187,8 +188,6 @@ def _within_projection(stats: ClassStats, vh: torch.Tensor, features: Any, label
             "needs the within-class scatter: ClassStats(..., within_cov=True), or `features` and `labels` "
             "for the projected mode"
         )
-    from ._ops import within_scatter
-
     acc = torch.zeros(vh.shape[0], vh.shape[0], dtype=torch.float64, device=stats.device)
     for x, y in _batches(features, labels):
         basis = vh.T.to(x.device)
@@ -430,43 +429,21 @@ def nearest_centre_counts(
     present: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device, without a
-    host synchronisation (safe inside a training step).
+    host synchronisation (safe inside a training step); one fused ``nearest_centre`` pass.
 
     features (N, d) float; labels (N,) int32/int64 (rows outside [0, K) are not counted);
     means (K, d) float, the class centres (e.g. ``stats.means``, or last epoch's);
     weight (K, d) / bias (K,) the classifier (mismatch is 0 without ``weight``); present
     (K,) bool: only these centres compete (pass ``stats.present``: absent classes have zero
-    means). ncc_correct counts argmin_k ||h - mu_k||^2 == y; mismatch counts
-    argmin_k ||h - mu_k||^2 != argmax_k (W h + b)_k. Sum the counts over batches.
+    means). means/weight/bias/present are moved to the features' device. ncc_correct
+    counts argmin_k ||h - mu_k||^2 == y; mismatch counts argmin_k ||h - mu_k||^2 !=
+    argmax_k (W h + b)_k (Papyan et al. 2020). Sum the counts over batches.
     """
-    x = _check_rows(features, "features") if not isinstance(features, torch.Tensor) else features
-    if x.dim() != 2:
-        raise ValueError(f"Expected `features` to be a 2-D (N, d) tensor, got shape {tuple(x.shape)}")
-    k = means.shape[0]
-    mu = means.to(x.device, torch.float64)
-    pm = torch.ones(k, dtype=torch.bool, device=x.device) if present is None else present.to(x.device, torch.bool)
-    pw = pm.double()
-    centre = (mu * pw.unsqueeze(1)).sum(0) / pw.sum().clamp_min(1.0)
-    mu_c = mu - centre
-    mu_sq = (mu_c * mu_c).sum(1).masked_fill(~pm, float("inf"))
-    w = weight.to(x.device, torch.float64) if weight is not None else None
-    shift = None
-    if w is not None:
-        shift = w @ centre + (bias.to(x.device, torch.float64) if bias is not None else 0.0)
-    y = labels.to(x.device).long()
-    counts = torch.zeros(3, dtype=torch.int64, device=x.device)
-    chunk = max(1, (1 << 22) // max(k, 1))
-    for start in range(0, x.shape[0], chunk):
-        h = x[start : start + chunk].double() - centre
-        yb = y[start : start + chunk]
-        valid = (yb >= 0) & (yb < k) & pm.any()
-        nearest = (mu_sq - 2 * h @ mu_c.T).argmin(1) if k else torch.zeros_like(yb)
-        counts[0] += valid.sum()
-        counts[1] += (valid & (nearest == yb)).sum()
-        if w is not None:
-            pred = (h @ w.T + shift).argmax(1)
-            counts[2] += (valid & (pred != nearest)).sum()
-    return counts
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(features).__name__}")
+    dev = features.device
+    moved = [t.to(dev) if t is not None else None for t in (means, weight, bias, present)]
+    return nearest_centre(features, labels.to(dev), *moved)[0]
 
 
 def ncc_accuracy(counts: torch.Tensor) -> float:

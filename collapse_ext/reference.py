@@ -60,16 +60,18 @@ PAIRWISE_FIELDS = (
     "cos_max",  # max cos (-inf when cos_pairs = 0)
     "etf_abs_sum",  # sum |cos + 1/(m - 1)|, m = number of rows in the set
     "etf_sq_sum",  # sum (cos + 1/(m - 1))^2: the second moment about the ETF cosine, no cancellation near it
-    "kernel_pairs",  # cos_pairs whose unit rows differ (||u_j - u_k|| > 0)
+    "kernel_pairs",  # cos_pairs whose unit rows differ: ||u_j - u_k||^2 > 2 tol (see below)
     "log_sum",  # sum log(1 / ||u_j - u_k||) over kernel_pairs
     "log_sq_sum",  # sum of its squares
     "riesz_sum",  # sum ||u_j - u_k||^(-s) over kernel_pairs
     "riesz_sq_sum",  # sum of its squares
     "cdnv_sum",  # sum (v_j + v_k) / (2 ||a_j - a_k||^(2p)) over pairs with a_j != a_k (0 without variances)
-    "coincident",  # pairs with ||a_j - a_k|| = 0 (left out of cdnv_sum)
+    "coincident",  # pairs with ||a_j - a_k||^2 <= tol (||a_j||^2 + ||a_k||^2) (left out of cdnv_sum)
     "dot_sq_sum",  # sum (a_j . a_k)^2
     "dist_sq_max",  # max ||a_j - a_k||^2 (-inf when pairs = 0)
 )
+# tol = 4 eps of the Gram product dtype (float64 for float64 rows, float32 otherwise):
+# differences below it are rounding of the Gram identity, so such pairs coincide.
 
 
 def pairwise_stats_reference(
@@ -86,6 +88,7 @@ def pairwise_stats_reference(
         a = a[subset.long()]
         v = v[subset.long()] if v is not None else None
     m = a.shape[0]
+    tol = 4 * torch.finfo(torch.float64 if rows.dtype == torch.float64 else torch.float32).eps
     out = torch.zeros(len(PAIRWISE_FIELDS), dtype=torch.float64)
     out[PAIRWISE_FIELDS.index("cos_min")] = float("inf")
     out[PAIRWISE_FIELDS.index("cos_max")] = float("-inf")
@@ -98,10 +101,11 @@ def pairwise_stats_reference(
     norms = sq.sqrt()
     dot = gram[j, k]
     dist_sq = (sq[j] + sq[k] - 2 * dot).clamp_min(0)
+    separate = dist_sq > tol * (sq[j] + sq[k])
     valid = (norms[j] > 0) & (norms[k] > 0)
     cos = (dot[valid] / (norms[j] * norms[k])[valid]).clamp(-1, 1)
     unit_sq = (2 - 2 * cos).clamp_min(0)
-    apart = unit_sq > 0
+    apart = unit_sq > 2 * tol
     log = -0.5 * unit_sq[apart].log()
     riesz = unit_sq[apart].pow(-riesz_s / 2)
     fields = {
@@ -115,7 +119,7 @@ def pairwise_stats_reference(
         "log_sq_sum": (log * log).sum(),
         "riesz_sum": riesz.sum(),
         "riesz_sq_sum": (riesz * riesz).sum(),
-        "coincident": float((dist_sq == 0).sum()),
+        "coincident": float((~separate).sum()),
         "dot_sq_sum": (dot * dot).sum(),
         "dist_sq_max": dist_sq.max(),
     }
@@ -123,8 +127,7 @@ def pairwise_stats_reference(
         fields["cos_min"] = cos.min()
         fields["cos_max"] = cos.max()
     if v is not None:
-        apart_rows = dist_sq > 0
-        fields["cdnv_sum"] = ((v[j] + v[k])[apart_rows] / (2 * dist_sq[apart_rows].pow(cdnv_p))).sum()
+        fields["cdnv_sum"] = ((v[j] + v[k])[separate] / (2 * dist_sq[separate].pow(cdnv_p))).sum()
     for name, value in fields.items():
         out[PAIRWISE_FIELDS.index(name)] = value
     return out.to(rows.device)
@@ -139,9 +142,10 @@ def nearest_centre_reference(
     present: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts [n, ncc_correct, mismatch] (3,) int64 and the nearest-centre assignment (N,)
-    int64 from the full (N, K) distance and logit matrices in float64. Rows with a label
-    outside [0, K) get assignment -1 and are not counted; without `weight` mismatch is 0;
-    only centres with ``present[k]`` compete (all when None; -1 when none does)."""
+    int64 from the full (N, K) distance and logit matrices in float64. Only centres with
+    ``present[k]`` compete (all when None); rows with a label outside [0, K), or with no
+    competing centre, get assignment -1 and are not counted; without `weight` mismatch is 0.
+    Ties go to the lowest class index."""
     x = features.double()
     mu = means.double()
     k = mu.shape[0]
@@ -163,5 +167,6 @@ def nearest_centre_reference(
         if bias is not None:
             logits = logits + bias.double()
         mismatch = valid & (nearest >= 0) & (logits.argmax(1) != nearest)
-    counts = torch.tensor([int(valid.sum()), int(correct.sum()), int(mismatch.sum())], dtype=torch.int64)
+    counted = nearest >= 0
+    counts = torch.tensor([int(counted.sum()), int(correct.sum()), int(mismatch.sum())], dtype=torch.int64)
     return counts, nearest
