@@ -1,15 +1,31 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
 from . import reference
-from ._ops import class_stats, cuda_compiled, within_scatter
+from ._ops import class_stats, cuda_compiled, nearest_centre, pairwise_stats, within_scatter
+from .metrics import (
+    CollapseMetrics,
+    SeparationLaw,
+    collapse_metrics,
+    fit_separation_law,
+    nearest_centre_counts,
+    separation_fuzziness,
+)
 from .stats import ClassStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClassStats",
+    "CollapseMetrics",
+    "SeparationLaw",
     "class_stats",
+    "collapse_metrics",
     "cuda_compiled",
+    "fit_separation_law",
+    "nearest_centre",
+    "nearest_centre_counts",
+    "pairwise_stats",
     "reference",
+    "separation_fuzziness",
     "within_scatter",
 ]
