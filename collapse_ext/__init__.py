@@ -2,6 +2,7 @@
 
 from . import reference
 from ._ops import class_stats, cuda_compiled, nearest_centre, pairwise_stats, within_scatter
+from .loggers import CSVLogger, JSONLinesLogger, TensorBoardLogger
 from .metrics import (
     CollapseMetrics,
     SeparationLaw,
@@ -10,12 +11,18 @@ from .metrics import (
     nearest_centre_counts,
     separation_fuzziness,
 )
+from .monitor import CollapseMonitor, MonitorResult
 from .stats import ClassStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClassStats",
+    "CollapseMonitor",
+    "MonitorResult",
+    "CSVLogger",
+    "JSONLinesLogger",
+    "TensorBoardLogger",
     "CollapseMetrics",
     "SeparationLaw",
     "class_stats",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._ops import nearest_centre
 from .metrics import CollapseMetrics, collapse_metrics, fit_separation_law
 from .stats import ClassStats
 
@@ -197,8 +198,6 @@ class _Layer:
         self.last_rows: tuple[int, int] | None = None
         self.ncc: torch.Tensor | None = None
         self.means: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.centres: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
-        self.ncc_dtype: torch.dtype | None = None
         self.ncc_only = False
 
     def allocate(self, dim: int, device: torch.device) -> None:
@@ -254,49 +253,40 @@ class _Layer:
             if not self.ncc_only:
                 self.stats.update(x, y)
             if self.means is not None:
-                self.ncc += _ncc_counts(x, y, self._centres(x.dtype), pred, self.monitor.num_classes)
+                self.ncc += _ncc_counts(x, y, *self.means, pred, self.monitor.num_classes)
 
-    def set_means(self, means: torch.Tensor, present: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        """Class centres for NC4: means (K, d) float64, present (K,) bool; computed in
-        ``dtype`` (default float32, float64 for float64 features)."""
-        self.means, self.centres, self.ncc_dtype = (means, present), {}, dtype
-
-    def _centres(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        dtype = self.ncc_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
-        if dtype not in self.centres:
-            self.centres[dtype] = _centres(*self.means, dtype)
-        return self.centres[dtype]
+    def set_means(self, means: torch.Tensor, present: torch.Tensor) -> None:
+        """Class centres for NC4: means (K, d) float64, present (K,) bool."""
+        self.means = (means, present)
 
 
-def _centres(means: torch.Tensor, present: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(centre (d,), centred means (K, d), squared norms (K,) with +inf for absent classes),
-    centred on the mean of the present centres so ||h - mu_k||^2 loses no digits to a
-    common offset."""
-    pw = present.double()
-    centre = (means * pw.unsqueeze(1)).sum(0) / pw.sum().clamp_min(1.0)
-    mu = means - centre
-    sq = (mu * mu).sum(1).masked_fill(~present, float("inf"))
-    return centre.to(dtype), mu.to(dtype), sq.to(dtype)
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 def _ncc_counts(
-    x: torch.Tensor, y: torch.Tensor, centres: tuple[torch.Tensor, ...], pred: torch.Tensor | None, k: int
+    x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, present: torch.Tensor, pred: torch.Tensor, k: int
 ) -> torch.Tensor:
-    """[n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
+    """NC4 counts [n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
 
-    nearest = argmin_k ||h - mu_k||^2 = argmin_k (||mu_k||^2 - 2 h . mu_k) on centred rows;
-    mismatch compares it with ``pred`` (the classifier's argmax in the same forward; rows
-    with pred = -1 have none and count as agreeing)."""
-    centre, mu, sq = centres
-    h = x.to(mu.dtype) - centre
-    nearest = torch.addmm(sq, h, mu.T, alpha=-2.0).argmin(1)
-    valid = (y >= 0) & (y < k)
-    out = [valid.sum(), (valid & (nearest == y)).sum()]
-    if pred is None:
-        out.append(torch.zeros((), dtype=torch.int64, device=x.device))
-    else:
-        out.append((valid & (pred >= 0) & (pred != nearest)).sum())
-    return torch.stack(out)
+    The nearest centre comes from the fused ``nearest_centre`` op (plain PyTorch where this
+    build has no kernel for the device); the mismatch compares it with ``pred``, the
+    classifier's argmax in the same forward (-1: none, counted as agreeing), so it is the
+    model's own prediction whatever the classifier module and precision."""
+    if _has_kernel("collapse_ext::nearest_centre", x.device):
+        counts, nearest = nearest_centre(x, y, means, present=present, assignments=True)
+        mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
+        return torch.stack([counts[0], counts[1], mismatch])
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pw = present.double()
+    centre = (means * pw.unsqueeze(1)).sum(0) / pw.sum().clamp_min(1.0)
+    mu = (means - centre).to(dtype)
+    sq = (mu * mu).sum(1).masked_fill(~present, float("inf"))
+    nearest = torch.addmm(sq, x.to(dtype) - centre.to(dtype), mu.T, alpha=-2.0).argmin(1)
+    valid = (y >= 0) & (y < k) & present.any()
+    correct = (valid & (nearest == y)).sum()
+    return torch.stack([valid.sum(), correct, (valid & (pred >= 0) & (pred != nearest)).sum()])
 
 
 class _Session:
@@ -768,6 +758,87 @@ class CollapseMonitor:
         """Drop the statistics of the current epoch (history and previous means are kept)."""
         self._session = self._new_session()
 
+    # -------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume mid-epoch with identical results: this rank's
+        statistics, the rows still buffered, the NC4 counts and centres, counters and the
+        history (plain tensors, numbers and strings: loads with ``torch.load(weights_only=True)``)."""
+        layers = {}
+        for name, layer in self._session.layers.items():
+            entry: dict[str, Any] = {}
+            if layer.stats is not None:
+                n = layer.fill
+                entry = {
+                    "stats": layer.stats.state_dict(),
+                    "ncc": layer.ncc.clone(),
+                    "rows": layer.buf[:n].clone() if n else None,
+                    "labels": layer.lab[:n].clone() if n else None,
+                    "preds": layer.pred[:n].clone() if n else None,
+                    "capacity": 0 if layer.buf is None else layer.buf.shape[0],
+                }
+            layers[name] = entry
+        return {
+            "version": _STATE_VERSION,
+            "layer_names": list(self.layer_names),
+            "num_classes": self.num_classes,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "layers": layers,
+            "prev": {name: {"means": m.clone(), "present": p.clone()} for name, (m, p) in self._prev.items()},
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on a monitor built with the same layers and K); the
+        statistics move to the device they were saved from unless the model is elsewhere."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"Expected a CollapseMonitor state of version {_STATE_VERSION}, got {state.get('version')!r}"
+            )
+        if list(state["layer_names"]) != self.layer_names or state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"Expected a state for layers {self.layer_names} with num_classes={self.num_classes}, "
+                f"got layers {list(state['layer_names'])} with num_classes={state['num_classes']}"
+            )
+        device = self._model_device()
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._prev = {
+            name: (e["means"].to(device, torch.float64), e["present"].to(device, torch.bool))
+            for name, e in state["prev"].items()
+        }
+        self._session = self._new_session()
+        for name, entry in state["layers"].items():
+            if not entry:
+                continue
+            layer = self._session.layers[name]
+            saved = entry["stats"]
+            layer.allocate(int(saved["dim"]), device)
+            if layer.stats.within_cov_enabled != bool(saved["within_cov"]):
+                layer.stats = ClassStats(
+                    self.num_classes,
+                    int(saved["dim"]),
+                    device=device,
+                    within_cov=saved["within_cov"],
+                    check=layer.stats.check,
+                )
+            layer.stats.load_state_dict(saved)
+            layer.ncc = entry["ncc"].to(device)
+            if entry["rows"] is not None:
+                rows = entry["rows"].to(device)
+                layer.buf = torch.empty(entry["capacity"], rows.shape[1], dtype=rows.dtype, device=device)
+                layer.lab = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
+                layer.pred = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
+                n = rows.shape[0]
+                layer.buf[:n].copy_(rows)
+                layer.lab[:n].copy_(entry["labels"])
+                layer.pred[:n].copy_(entry["preds"])
+                layer.fill = n
+        self.history = [MonitorResult.from_dict(r) for r in state["history"]]
+
+    def _model_device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
     def evaluate(
         self,
         loader: Iterable[Any],
@@ -786,8 +857,7 @@ class CollapseMonitor:
             raise TypeError("Expected `loader` to be re-iterable (a DataLoader or a list): evaluate() makes two passes")
         unpack = unpack or _default_unpack
         if device is None:
-            param = next(self.model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
+            device = self._model_device()
         was_training = self.model.training
         saved = (self._session, self._labels, self._recording, self._stash, self._stash_pred)
         self._session, self._stash, self._stash_pred = _Session(self), {}, None
@@ -800,7 +870,7 @@ class CollapseMonitor:
                     self._all_reduce(self._session, ncc=False)
                 for layer in self._session.layers.values():
                     if layer.stats is not None:
-                        layer.set_means(layer.stats.means, layer.stats.present, torch.float64)
+                        layer.set_means(layer.stats.means, layer.stats.present)
                         layer.ncc_only = True
                 self._pass(loader, unpack, device)
                 self._session.flush()
