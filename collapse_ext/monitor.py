@@ -539,9 +539,7 @@ class CollapseMonitor:
         pred = output.detach().argmax(1)
         if self._labels is not None:
             if self._recording:
-                layer = self._session.layers[PENULTIMATE]
-                if getattr(layer, "last_rows", None) is not None:
-                    layer.set_predictions(pred)
+                self._session.layers[PENULTIMATE].set_predictions(pred)
         elif self._batch % self.every == 0:
             self._stash_pred = pred
 
@@ -734,12 +732,16 @@ class CollapseMonitor:
         if self._world() > 1:
             self._all_reduce(session)
         self._epoch += 1
-        result = self._result(
-            session,
-            "train",
-            "previous epoch's class means (training statistics)",
-            "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means",
-        )
+        try:
+            result = self._result(
+                session,
+                "train",
+                "previous epoch's class means (training statistics)",
+                "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means",
+            )
+        except Exception:
+            self._epoch -= 1
+            raise
         self._prev = {}
         for name, layer in session.layers.items():
             if layer.stats is not None and layer.stats.num_samples > 0:
