@@ -676,6 +676,8 @@ class CollapseMonitor:
         notes: dict[str, str] = {}
         for name in self.layer_names:
             layer = session.layers[name]
+            if layer.stats is not None:
+                layer.stats.check_rejected()
             if layer.stats is None or layer.stats.num_samples == 0:
                 notes[name] = "no batch recorded"
                 continue

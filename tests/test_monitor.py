@@ -538,3 +538,31 @@ def test_cuda_training_loop_never_synchronises():
         result = mon.compute()
     assert result[PENULTIMATE].num_samples == 512
     assert result[PENULTIMATE].ncc_accuracy is not None
+
+
+def test_without_within_cov_nc1_is_undefined_but_the_rest_is_there():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], within_cov=False)
+    auto = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], max_cov_dim=30)
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    auto.update(y)
+    m = mon.compute()[PENULTIMATE]
+    assert m.nc1 is None and m.undefined["nc1"]
+    assert m.nc1_cdnv is not None and m.self_duality is not None
+    r = auto.compute()
+    assert r["block1"].nc1 is None and r[PENULTIMATE].nc1 is not None  # d = 32 > 30, d = 24 <= 30
+    assert r.separation_law is None and "separation_law" in r.notes
+
+
+def test_deferred_check_raises_at_compute():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, check="deferred")
+    with torch.no_grad():
+        model(x)
+    mon.update(y + 1)  # label 5 is out of range: not checked per batch
+    with pytest.raises(ValueError, match="batch\\(es\\) were dropped"):
+        mon.compute()
