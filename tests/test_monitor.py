@@ -475,7 +475,7 @@ def _ddp_worker(rank, world, port, state, x, y, out):
     try:
         model = _mlp().double()
         model.load_state_dict(state)
-        model.eval()
+        model = torch.nn.parallel.DistributedDataParallel(model.eval())
         mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
         results = _run_epochs(model, mon, _batches(x, y, 20), shard=(rank, world))
         shard = [b for i, b in enumerate(_batches(x, y, 30)) if i % world == rank]
