@@ -521,7 +521,8 @@ def test_cuda_training_loop_never_synchronises():
     x, y = x.cuda(), y.cuda()
     model = _mlp().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+    # buffer_bytes=0: every batch is reduced (at the next capture) inside the checked loop
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=0)
     for _ in range(2):
         torch.cuda.set_sync_debug_mode("error")
         try:
