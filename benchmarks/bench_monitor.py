@@ -7,8 +7,10 @@ parameters) on random 3 x 32 x 32 images, K = 100, batch 256, bf16 autocast, mon
 the penultimate features and the four stages (average-pooled).
 
 Timing: blocks of ``--steps`` steps, with and without the monitor alternating, ``--repeats``
-times; the figure is the median over repeats of the per-step times (and of the paired
-ratios for the overhead). The monitor's ``compute()`` at the end of an epoch is timed
+times; step times are medians over the blocks, the overhead is the median of the paired
+ratios. The monitor's cost is lumpy (rows are reduced when its 8 MiB buffer is full:
+every 16 steps for d = 512 fp32, batch 256), so a block must span whole buffer periods:
+the default 32 steps is two of them. The monitor's ``compute()`` at the end of an epoch is timed
 separately and shown amortised over an epoch of ``--epoch-steps`` steps.
 
     python benchmarks/bench_monitor.py                 # CPU
@@ -121,7 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--in-dim", type=int, default=3072, help="MLP input (default: a flattened 3x32x32 image)")
     p.add_argument("--widths", type=int, nargs="+", default=[1024, 1024, 512], help="MLP hidden widths")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument(
+        "--steps", type=int, default=32, help="steps per timed block (a multiple of the monitor's buffer period)"
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--epoch-steps", type=int, default=196, help="steps per epoch for the amortised compute()")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
