@@ -117,6 +117,36 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def breakdown(d: int, k: int, batch: int, device: torch.device, repeats: int = 7) -> None:
+    """What one recorded batch costs the monitor, part by part, on one 4096-row buffer."""
+    from collapse_ext import ClassStats, class_stats, within_scatter
+    from collapse_ext.monitor import _ncc_counts
+
+    rows = 4096
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, d, generator=g).to(device)
+    y = torch.randint(0, k, (rows,), generator=g).to(device)
+    pred = torch.randint(0, k, (rows,), generator=g).to(device)
+    _, means, _ = class_stats(h, y, k)
+    present = torch.ones(k, dtype=torch.bool, device=device)
+    stats = ClassStats(k, d, device=device)
+    buf = torch.empty_like(h)
+    parts = {
+        "copy into the buffer": lambda: buf.copy_(h),
+        "class_stats (counts, means, ss_k)": lambda: class_stats(h, y, k),
+        "within_scatter (S_W, 2 d^2 flops per row)": lambda: within_scatter(h, y, means),
+        "ClassStats.update (both + Chan merge)": lambda: stats.update(h, y),
+        "NC4 counts (nearest_centre, 2 K d flops per row)": lambda: _ncc_counts(h, y, means, present, pred, k),
+    }
+    print(f"\nper recorded batch of {batch} rows (d={d}, K={k}), reduced {rows} rows at a time:\n")
+    print("| part | time per batch |")
+    print("|---|---|")
+    for name, fn in parts.items():
+        fn()
+        times = [timed(fn, 1, device) for _ in range(repeats)]
+        print(f"| {name} | {1e3 * statistics.median(times) * batch / rows:.3f} ms |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -132,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--within-cov", default="auto", choices=["auto", "true", "false"], help="monitor's within_cov")
     p.add_argument("--every", type=int, default=1, help="monitor's every (record one batch in N)")
+    p.add_argument("--no-train-ncc", action="store_true", help="monitor's train_ncc=False")
+    p.add_argument("--breakdown", action="store_true", help="also time the monitor's parts on one buffer")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +174,13 @@ def main(argv=None) -> int:
     model, x, y, opt, layers, desc = build(args)
     within_cov = {"auto": "auto", "true": True, "false": False}[args.within_cov]
     monitor = CollapseMonitor(
-        model, classifier="fc", num_classes=args.classes, layers=layers, within_cov=within_cov, every=args.every
+        model,
+        classifier="fc",
+        num_classes=args.classes,
+        layers=layers,
+        within_cov=within_cov,
+        every=args.every,
+        train_ncc=not args.no_train_ncc,
     )
 
     # A first "epoch" so the monitor has previous means and the NC4 counts are on.
@@ -182,11 +220,14 @@ def main(argv=None) -> int:
     )
     print("|---|---|---|---|---|---|")
     print(
-        f"| {desc.split(' (')[0]} | within_cov={args.within_cov}, every={args.every} | {1e3 * b:.2f} ms | "
+        f"| {desc.split(' (')[0]} | within_cov={args.within_cov}, every={args.every}, "
+        f"train_ncc={not args.no_train_ncc} | {1e3 * b:.2f} ms | "
         f"{1e3 * m:.2f} ms | {overhead:+.1f}% ({paired:+.1f}%) | {1e3 * t_compute:.0f} ms "
         f"({amortised:.2f}% of {args.epoch_steps} steps) |"
     )
     monitor.remove()
+    if args.breakdown:
+        breakdown(model.fc.in_features, args.classes, args.batch, dev)
     return 0
 
 

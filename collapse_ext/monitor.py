@@ -321,8 +321,9 @@ class CollapseMonitor:
         every: record one batch in ``every`` (1 = all); skipped batches cost nothing.
         within_cov: accumulate the (d, d) within-class scatter (needed by NC1 and the
             separation fuzziness): True, False, or ``"auto"`` = when d <= ``max_cov_dim``.
-        buffer_bytes: per-layer buffer of captured rows reduced at once (0: reduce every
-            batch at once).
+        buffer_bytes: per-layer buffer of captured rows reduced at once (0: one batch).
+        train_ncc: count NC4 during training against the previous epoch's means (2 K d
+            flops per row and layer); False leaves NC4 to :meth:`evaluate`.
         check: ClassStats checking; None = ``"strict"`` on CPU, ``"deferred"`` (no host
             synchronisation) on CUDA.
         minority, minority_threshold: passed to :func:`~collapse_ext.metrics.collapse_metrics`.
@@ -349,6 +350,7 @@ class CollapseMonitor:
         within_cov: bool | str = "auto",
         max_cov_dim: int = 4096,
         buffer_bytes: int = 8 << 20,
+        train_ncc: bool = True,
         check: str | None = None,
         minority: Sequence[int] | None = None,
         minority_threshold: float = 0.5,
@@ -369,6 +371,7 @@ class CollapseMonitor:
         if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
             raise ValueError(f"Expected `buffer_bytes` to be a non-negative int, got {buffer_bytes!r}")
         self.buffer_bytes = buffer_bytes
+        self.train_ncc = bool(train_ncc)
         if check not in (None, "strict", "deferred"):
             raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
         self.check = check
@@ -739,7 +742,9 @@ class CollapseMonitor:
                 session,
                 "train",
                 "previous epoch's class means (training statistics)",
-                "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means",
+                "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means"
+                if self.train_ncc
+                else "train_ncc=False; evaluate(loader) measures NC4 with the final means",
             )
         except Exception:
             self._epoch -= 1
@@ -754,7 +759,7 @@ class CollapseMonitor:
 
     def _new_session(self) -> _Session:
         session = _Session(self)
-        for name, (means, present) in self._prev.items():
+        for name, (means, present) in self._prev.items() if self.train_ncc else ():
             session.layers[name].set_means(means, present)
         return session
 

@@ -567,3 +567,16 @@ def test_deferred_check_raises_at_compute():
     mon.update(y + 1)  # label 5 is out of range: not checked per batch
     with pytest.raises(ValueError, match="batch\\(es\\) were dropped"):
         mon.compute()
+
+
+def test_train_ncc_off_leaves_nc4_to_evaluate():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, train_ncc=False)
+    for _ in range(2):
+        with torch.no_grad():
+            model(x)
+        mon.update(y)
+        m = mon.compute()[PENULTIMATE]
+    assert m.ncc_accuracy is None and "train_ncc=False" in m.undefined["ncc_accuracy"]
+    assert mon.evaluate([(x, y)])[PENULTIMATE].ncc_accuracy is not None
