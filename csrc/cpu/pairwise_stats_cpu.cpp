@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -73,10 +74,22 @@ at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Te
   pairwise::init(result);
   if (m < 2) return out;
 
-  const at::Tensor sq_t = a.to(at::kDouble).square().sum(1);
-  const at::Tensor inv_t = at::where(sq_t > 0, sq_t.rsqrt(), at::zeros_like(sq_t));
-  const double* sq = sq_t.const_data_ptr<double>();
-  const double* inv = inv_t.const_data_ptr<double>();
+  // Squared norms in float64 row by row: a float64 copy of the rows would double the memory.
+  std::vector<double> sq_v(m), inv_v(m);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pairwise_stats_cpu", [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const int64_t d = a.size(1);
+    at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double acc = 0.0;
+        for (int64_t c = 0; c < d; ++c) acc += static_cast<double>(pa[r * d + c]) * static_cast<double>(pa[r * d + c]);
+        sq_v[r] = acc;
+        inv_v[r] = acc > 0.0 ? 1.0 / std::sqrt(acc) : 0.0;
+      }
+    });
+  });
+  const double* sq = sq_v.data();
+  const double* inv = inv_v.data();
   const double* var = v.defined() ? v.const_data_ptr<double>() : nullptr;
   const double eps = compute == at::kDouble ? std::numeric_limits<double>::epsilon()
                                             : static_cast<double>(std::numeric_limits<float>::epsilon());
