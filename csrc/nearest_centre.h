@@ -44,10 +44,11 @@ inline void check_nearest_centre_inputs(const at::Tensor& features, const at::Te
 
 struct NearestCentreSetup {
   at::Tensor centre;  // (d,) float64: mean of the present centres (0 when none)
-  at::Tensor mu;      // (K, d) compute dtype: means - centre, rounded once
-  at::Tensor mu_sq;   // (K,) float64: ||mu'_k||^2 of the rounded rows, +inf for absent centres
-  at::Tensor weight;  // (K, d) compute dtype, or undefined
-  at::Tensor shift;   // (K,) float64: W c + b, or undefined
+  // (K, d) or (2K, d) compute dtype: the shifted centres mu - c (rounded once), then the
+  // classifier rows W when given, so one GEMM gives both scores and logits.
+  at::Tensor stacked;
+  at::Tensor mu_sq;  // (K,) float64: ||mu'_k||^2 of the rounded rows, +inf for absent centres
+  at::Tensor shift;  // (K,) float64: W c + b, or undefined
 };
 
 inline NearestCentreSetup nearest_centre_setup(const at::Tensor& means, const std::optional<at::Tensor>& weight,
@@ -58,11 +59,11 @@ inline NearestCentreSetup nearest_centre_setup(const at::Tensor& means, const st
   const at::Tensor mask = present.has_value() ? *present : at::ones({means.size(0)}, means.options().dtype(at::kBool));
   const at::Tensor w = mask.to(at::kDouble).unsqueeze(1);
   s.centre = (mu * w).sum(0) / w.sum().clamp_min(1.0);
-  s.mu = (mu - s.centre).to(compute).contiguous();
-  s.mu_sq = s.mu.to(at::kDouble).square().sum(1).masked_fill(mask.logical_not(),
-                                                             std::numeric_limits<double>::infinity());
+  const at::Tensor shifted = (mu - s.centre).to(compute);
+  s.mu_sq = shifted.to(at::kDouble).square().sum(1).masked_fill(mask.logical_not(),
+                                                                std::numeric_limits<double>::infinity());
+  s.stacked = weight.has_value() ? at::cat({shifted, weight->to(compute)}, 0) : shifted.contiguous();
   if (weight.has_value()) {
-    s.weight = weight->to(compute).contiguous();
     s.shift = at::mv(weight->to(at::kDouble), s.centre);
     if (bias.has_value()) s.shift = s.shift + bias->to(at::kDouble);
     s.shift = s.shift.contiguous();

@@ -50,6 +50,11 @@ struct Params {
   double tol;
 };
 
+// Plain compares, not fmin/fmax: without -ffinite-math-only those are library calls on
+// the CPU, several per pair. Inputs are finite (NaN rows give NaN sums either way).
+CE_HOST_DEVICE double lo(double a, double b) { return b < a ? b : a; }
+CE_HOST_DEVICE double hi(double a, double b) { return b > a ? b : a; }
+
 CE_HOST_DEVICE bool is_min(int f) { return f == kCosMin; }
 CE_HOST_DEVICE bool is_max(int f) { return f == kCosMax || f == kDistSqMax; }
 
@@ -60,9 +65,9 @@ CE_HOST_DEVICE void init(double* acc) {
 CE_HOST_DEVICE void merge(double* acc, const double* other) {
   for (int f = 0; f < kNumFields; ++f) {
     if (is_min(f))
-      acc[f] = fmin(acc[f], other[f]);
+      acc[f] = lo(acc[f], other[f]);
     else if (is_max(f))
-      acc[f] = fmax(acc[f], other[f]);
+      acc[f] = hi(acc[f], other[f]);
     else
       acc[f] += other[f];
   }
@@ -75,8 +80,8 @@ CE_HOST_DEVICE void add_pair(double* acc, double dot, double sq_j, double sq_k, 
   acc[kPairs] += 1.0;
   // The Gram identity for distances: callers centre the rows first (metrics pass
   // mu_k - mu_G), which keeps the cancellation at the scale of the spread.
-  const double dist_sq = fmax(sq_j + sq_k - 2.0 * dot, 0.0);
-  acc[kDistSqMax] = fmax(acc[kDistSqMax], dist_sq);
+  const double dist_sq = hi(sq_j + sq_k - 2.0 * dot, 0.0);
+  acc[kDistSqMax] = hi(acc[kDistSqMax], dist_sq);
   acc[kDotSqSum] += dot * dot;
   if (dist_sq > p.tol * (sq_j + sq_k)) {
     if (p.has_variances) {
@@ -87,18 +92,21 @@ CE_HOST_DEVICE void add_pair(double* acc, double dot, double sq_j, double sq_k, 
     acc[kCoincident] += 1.0;
   }
   if (inv_j == 0.0 || inv_k == 0.0) return;
-  const double cos = fmin(fmax(dot * inv_j * inv_k, -1.0), 1.0);
+  const double cos = lo(hi(dot * inv_j * inv_k, -1.0), 1.0);
   acc[kCosPairs] += 1.0;
   acc[kCosSum] += cos;
-  acc[kCosMin] = fmin(acc[kCosMin], cos);
-  acc[kCosMax] = fmax(acc[kCosMax], cos);
+  acc[kCosMin] = lo(acc[kCosMin], cos);
+  acc[kCosMax] = hi(acc[kCosMax], cos);
   const double shifted = cos + p.etf_shift;
   acc[kEtfAbsSum] += fabs(shifted);
   acc[kEtfSqSum] += shifted * shifted;
-  const double unit_sq = fmax(2.0 - 2.0 * cos, 0.0);  // ||u_j - u_k||^2 on the unit sphere
+  const double unit_sq = hi(2.0 - 2.0 * cos, 0.0);  // ||u_j - u_k||^2 on the unit sphere
   if (unit_sq > 2.0 * p.tol) {
     const double lg = -0.5 * log(unit_sq);  // log(1 / ||u_j - u_k||)
-    const double riesz = exp(p.riesz_s * lg);  // ||u_j - u_k||^-s
+    // ||u_j - u_k||^-s; exp/pow only for an unusual exponent.
+    const double riesz = p.riesz_s == 1.0 ? 1.0 / sqrt(unit_sq)
+                         : p.riesz_s == 2.0 ? 1.0 / unit_sq
+                                            : exp(p.riesz_s * lg);
     acc[kKernelPairs] += 1.0;
     acc[kLogSum] += lg;
     acc[kLogSqSum] += lg * lg;

@@ -391,3 +391,24 @@ def test_metrics_independent_of_batching(seed, batches):
             assert many[name] is None, name
         else:
             assert many[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_empty_statistics_are_all_explained():
+    stats = ClassStats(5, 3)
+    r = collapse_metrics(stats, torch.randn(5, 3), features=torch.zeros(0, 3), labels=torch.zeros(0, dtype=torch.long))
+    assert r.num_present == 0 and r.absent_classes == [0, 1, 2, 3, 4]
+    assert all(v is None for k, v in r.to_dict().items() if k not in ("num_samples", "num_present"))
+    assert "no samples" in r.undefined["ncc_accuracy"] and "got 0" in r.undefined["nc1"]
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.float32)])
+def test_low_precision_inputs(dtype, weight_dtype):
+    x, y = random_problem(n=400, d=8, k=4, seed=18)
+    weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(19))
+    low = x.to(dtype)
+    r = collapse_metrics(stats_of(low, y, 4), weight.to(weight_dtype), features=low, labels=y)
+    expected = dense_reference(low.double(), y, 4, weight.to(weight_dtype).double())
+    for name in ("nc1", "separation_fuzziness", "nc1_cdnv", "etf_error_means", "self_duality"):
+        assert getattr(r, name) == pytest.approx(expected[name], rel=1e-5), name
+    counts, _ = nearest_centre_reference(low, y, stats_of(low, y, 4).means, weight.to(weight_dtype))
+    assert r.ncc_mismatch == pytest.approx(counts[2].item() / 400)

@@ -40,7 +40,7 @@ def test_matches_reference(device, dtype, rtol):
 
 
 def test_several_tiles_subset_and_options(device):
-    # 1100 rows: three CPU tiles of 512, partial last tile, off-diagonal and diagonal tiles.
+    # 1100 rows: several CPU tiles (138 rows with 2 threads), a partial last tile, diagonal and off-diagonal ones.
     rows = rows_of(1100, 20, seed=2, dtype=torch.float64, device=device)
     variances = torch.rand(1100, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     check(pairwise_stats(rows, variances, None, 2.5, 2.0), rows, variances, None, 2.5, 2.0, rtol=1e-11)
