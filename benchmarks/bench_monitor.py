@@ -6,8 +6,8 @@ the previous epoch's means). CUDA (``--device cuda``): a ResNet-18 (CIFAR stem, 
 parameters) on random 3 x 32 x 32 images, K = 100, batch 256, bf16 autocast, monitor on
 the penultimate features and the four stages (average-pooled).
 
-Timing: blocks of ``--steps`` steps, with and without the monitor alternating, ``--repeats``
-times; step times are means over the blocks and the overhead is their ratio (the median
+Timing: blocks of ``--steps`` steps, with and without the monitor alternating (ABBA order),
+``--repeats`` times; step times are means over the blocks and the overhead is their ratio (the median
 of the paired block ratios is shown next to it: the two differ by the noise of the
 machine). The monitor's cost is lumpy (rows are reduced when its 8 MiB buffer is full:
 every 16 steps for d = 512 fp32, batch 256), so a block must span whole buffer periods:
@@ -191,9 +191,14 @@ def main(argv=None) -> int:
         step(model, x, y, opt, None, amp)
 
     base, with_mon, ratios = [], [], []
-    for _ in range(args.repeats):
-        t0 = timed(lambda: step(model, x, y, opt, None, amp), args.steps, dev)
-        t1 = timed(lambda: step(model, x, y, opt, monitor, amp), args.steps, dev)
+    for r in range(args.repeats):
+        # ABBA order: a drift or a cost of switching is shared by both sides
+        if r % 2 == 0:
+            t0 = timed(lambda: step(model, x, y, opt, None, amp), args.steps, dev)
+            t1 = timed(lambda: step(model, x, y, opt, monitor, amp), args.steps, dev)
+        else:
+            t1 = timed(lambda: step(model, x, y, opt, monitor, amp), args.steps, dev)
+            t0 = timed(lambda: step(model, x, y, opt, None, amp), args.steps, dev)
         base.append(t0)
         with_mon.append(t1)
         ratios.append(t1 / t0)
