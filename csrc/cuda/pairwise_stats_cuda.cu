@@ -80,6 +80,27 @@ __global__ void reduce_tile_kernel(const compute_t* __restrict__ gram, int64_t t
   }
 }
 
+// Squared norms and inverse norms in float64, one warp per row (a float64 copy of the
+// rows would double the memory).
+template <typename compute_t>
+__global__ void row_norms_kernel(const compute_t* __restrict__ a, int64_t m, int64_t d, double* __restrict__ sq,
+                                 double* __restrict__ inv) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp; r < m;
+       r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    double acc = 0.0;
+    for (int64_t c = lane; c < d; c += kWarp) {
+      const double v = static_cast<double>(a[r * d + c]);
+      acc += v * v;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      sq[r] = acc;
+      inv[r] = acc > 0.0 ? 1.0 / sqrt(acc) : 0.0;
+    }
+  }
+}
+
 __global__ void init_slots_kernel(double* slots, int64_t count) {
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < count;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -120,8 +141,14 @@ at::Tensor pairwise_stats_cuda(const at::Tensor& rows, const std::optional<at::T
   auto out = at::empty({kNumFields}, rows.options().dtype(at::kDouble));
 
   if (m >= 2) {
-    const at::Tensor sq_t = a.to(at::kDouble).square().sum(1);
-    const at::Tensor inv_t = at::where(sq_t > 0, sq_t.rsqrt(), at::zeros_like(sq_t));
+    auto sq_t = at::empty({m}, rows.options().dtype(at::kDouble));
+    auto inv_t = at::empty({m}, rows.options().dtype(at::kDouble));
+    const int norm_blocks = static_cast<int>(std::min<int64_t>((m + kWarps - 1) / kWarps, 4096));
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pairwise_stats_cuda", [&] {
+      row_norms_kernel<scalar_t><<<norm_blocks, kThreads, 0, stream>>>(a.const_data_ptr<scalar_t>(), m, a.size(1),
+                                                                        sq_t.data_ptr<double>(), inv_t.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const double eps = compute == at::kDouble ? std::numeric_limits<double>::epsilon()
                                               : static_cast<double>(std::numeric_limits<float>::epsilon());
     const pairwise::Params params{1.0 / static_cast<double>(m - 1), riesz_s, cdnv_p, v.defined(), 4.0 * eps};
