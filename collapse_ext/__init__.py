@@ -1,20 +1,43 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
 from . import lpm, reference
-from ._ops import class_stats, cuda_compiled, lpm_step, within_scatter
+from ._ops import class_stats, cuda_compiled, lpm_step, nearest_centre, pairwise_stats, within_scatter
+from .loggers import CSVLogger, JSONLinesLogger, TensorBoardLogger
 from .lpm import minority_collapse_sweep, simplex_etf
+from .metrics import (
+    CollapseMetrics,
+    SeparationLaw,
+    collapse_metrics,
+    fit_separation_law,
+    nearest_centre_counts,
+    separation_fuzziness,
+)
+from .monitor import CollapseMonitor, MonitorResult
 from .stats import ClassStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClassStats",
+    "CollapseMonitor",
+    "MonitorResult",
+    "CSVLogger",
+    "JSONLinesLogger",
+    "TensorBoardLogger",
+    "CollapseMetrics",
+    "SeparationLaw",
     "class_stats",
+    "collapse_metrics",
     "cuda_compiled",
     "lpm",
     "lpm_step",
     "minority_collapse_sweep",
-    "reference",
     "simplex_etf",
+    "fit_separation_law",
+    "nearest_centre",
+    "nearest_centre_counts",
+    "pairwise_stats",
+    "reference",
+    "separation_fuzziness",
     "within_scatter",
 ]

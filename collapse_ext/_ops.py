@@ -10,7 +10,7 @@ import torch
 
 from . import _C
 
-__all__ = ["class_stats", "cuda_compiled", "lpm_step", "within_scatter"]
+__all__ = ["class_stats", "cuda_compiled", "lpm_step", "nearest_centre", "pairwise_stats", "within_scatter"]
 
 
 def cuda_compiled() -> bool:
@@ -134,3 +134,65 @@ def _lpm_step_fake(W, H, W_prev, H_prev, theta, weights, E_W, E_H, step, num_ite
         W.new_empty((batch,)),
         W.new_empty((batch,)),
     )
+
+
+def pairwise_stats(
+    rows: torch.Tensor,
+    variances: torch.Tensor | None = None,
+    subset: torch.Tensor | None = None,
+    riesz_s: float = 1.0,
+    cdnv_p: float = 1.0,
+) -> torch.Tensor:
+    """Sums over the pairs j < k of rows of a (K, d) matrix, tile by tile, never holding K x K.
+
+    rows: (K, d) float16/bfloat16/float32/float64; variances: optional (K,) float per-row
+    variances for the CDNV sum; subset: optional (m,) int32/int64 row indices (e.g. the
+    minority classes), the pairs then run over those rows only. Returns a (16,) float64
+    vector laid out as ``collapse_ext.reference.PAIRWISE_FIELDS``: pair counts, sum/min/max of
+    cosines, sums of |cos + 1/(m-1)| and (cos + 1/(m-1))^2, log and Riesz (exponent
+    ``riesz_s``) kernel sums on the unit sphere, the CDNV sum
+    sum (v_j + v_k) / (2 ||a_j - a_k||^(2 cdnv_p)), coincident pairs, sum (a_j . a_k)^2 and
+    max ||a_j - a_k||^2. Gram tiles are products in fp32 (fp16/bf16/fp32 input; on CUDA
+    TF32 when torch.backends.cuda.matmul.allow_tf32) or fp64; all sums are float64.
+    Distances use the Gram identity, so centre the rows first (the metrics pass mu_k - mu_G).
+    """
+    check_backend(rows, "rows")
+    return torch.ops.collapse_ext.pairwise_stats.default(rows, variances, subset, riesz_s, cdnv_p)
+
+
+def nearest_centre(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
+    assignments: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest class centre and classifier prediction in one pass, never holding N x K.
+
+    features: (N, d) float; labels: (N,) int32/int64; means: (K, d) float centres;
+    weight (K, d) / bias (K,): optional classifier; present: optional (K,) bool, only those
+    centres compete. Returns counts (3,) int64 [n, ncc_correct, mismatch] (n = rows with a
+    label in [0, K) and a competing centre; ncc_correct: argmin_k ||h - mu_k||^2 == label;
+    mismatch: it differs from argmax_k (W h + b)_k, 0 without weight) and, when
+    ``assignments``, the (N,) int64 nearest centres (-1 for rows not counted; (0,) otherwise).
+    Features and means are shifted by the mean present centre before the distances
+    ||mu'||^2 - 2 h'.mu' (no cancellation on large offsets); products in fp32 (fp64 for fp64
+    features), comparisons in float64, ties to the lowest index. No host synchronisation.
+    """
+    check_backend(features, "features")
+    return torch.ops.collapse_ext.nearest_centre.default(features, labels, means, weight, bias, present, assignments)
+
+
+@torch.library.register_fake("collapse_ext::pairwise_stats")
+def _pairwise_stats_fake(rows, variances=None, subset=None, riesz_s=1.0, cdnv_p=1.0):
+    torch._check(rows.dim() == 2, lambda: "rows must be 2-D (K, d)")
+    return rows.new_empty((16,), dtype=torch.float64)
+
+
+@torch.library.register_fake("collapse_ext::nearest_centre")
+def _nearest_centre_fake(features, labels, means, weight=None, bias=None, present=None, assignments=False):
+    torch._check(features.dim() == 2, lambda: "features must be 2-D (N, d)")
+    n = features.shape[0] if assignments else 0
+    return features.new_empty((3,), dtype=torch.int64), features.new_empty((n,), dtype=torch.int64)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["class_stats_reference", "lpm_objective_grad_reference", "lpm_step_reference", "within_scatter_reference"]
+__all__ = [
+    "PAIRWISE_FIELDS",
+    "class_stats_reference",
+    "lpm_objective_grad_reference",
+    "lpm_step_reference",
+    "nearest_centre_reference",
+    "pairwise_stats_reference",
+    "within_scatter_reference",
+]
 
 
 def class_stats_reference(
@@ -114,3 +122,125 @@ def lpm_step_reference(
     DW, DH = W - _project_ball(W - eta3 * gW, rw), H - _project_ball(H - eta3 * gH, rh)
     pg_norm = torch.sqrt((DW * DW).sum((1, 2)) + (DH * DH).sum((1, 2))) / eta
     return tuple(t.to(dtype) for t in (W, H, Wp, Hp, theta, objective, pg_norm))
+
+
+# Layout of the float64 vector returned by ``pairwise_stats`` (and its reference). Sums run
+# over the unordered pairs j < k of the row set; "unit" rows are a_k / ||a_k||.
+PAIRWISE_FIELDS = (
+    "pairs",  # number of pairs j < k in the set
+    "cos_pairs",  # pairs whose two rows both have nonzero norm (the cosine is defined)
+    "cos_sum",  # sum of cos(a_j, a_k) over cos_pairs
+    "cos_min",  # min cos (+inf when cos_pairs = 0)
+    "cos_max",  # max cos (-inf when cos_pairs = 0)
+    "etf_abs_sum",  # sum |cos + 1/(m - 1)|, m = number of rows in the set
+    "etf_sq_sum",  # sum (cos + 1/(m - 1))^2: the second moment about the ETF cosine, no cancellation near it
+    "kernel_pairs",  # cos_pairs whose unit rows differ: ||u_j - u_k||^2 > 2 tol (see below)
+    "log_sum",  # sum log(1 / ||u_j - u_k||) over kernel_pairs
+    "log_sq_sum",  # sum of its squares
+    "riesz_sum",  # sum ||u_j - u_k||^(-s) over kernel_pairs
+    "riesz_sq_sum",  # sum of its squares
+    "cdnv_sum",  # sum (v_j + v_k) / (2 ||a_j - a_k||^(2p)) over pairs with a_j != a_k (0 without variances)
+    "coincident",  # pairs with ||a_j - a_k||^2 <= tol (||a_j||^2 + ||a_k||^2) (left out of cdnv_sum)
+    "dot_sq_sum",  # sum (a_j . a_k)^2
+    "dist_sq_max",  # max ||a_j - a_k||^2 (-inf when pairs = 0)
+)
+# tol = 4 eps of the Gram product dtype (float64 for float64 rows, float32 otherwise):
+# differences below it are rounding of the Gram identity, so such pairs coincide.
+
+
+def pairwise_stats_reference(
+    rows: torch.Tensor,
+    variances: torch.Tensor | None = None,
+    subset: torch.Tensor | None = None,
+    riesz_s: float = 1.0,
+    cdnv_p: float = 1.0,
+) -> torch.Tensor:
+    """The ``pairwise_stats`` vector (see PAIRWISE_FIELDS) from the full K x K Gram in float64."""
+    a = rows.double()
+    v = variances.double() if variances is not None else None
+    if subset is not None:
+        a = a[subset.long()]
+        v = v[subset.long()] if v is not None else None
+    m = a.shape[0]
+    tol = 4 * torch.finfo(torch.float64 if rows.dtype == torch.float64 else torch.float32).eps
+    out = torch.zeros(len(PAIRWISE_FIELDS), dtype=torch.float64)
+    out[PAIRWISE_FIELDS.index("cos_min")] = float("inf")
+    out[PAIRWISE_FIELDS.index("cos_max")] = float("-inf")
+    out[PAIRWISE_FIELDS.index("dist_sq_max")] = float("-inf")
+    if m < 2:
+        return out.to(rows.device)
+    j, k = torch.triu_indices(m, m, offset=1, device=a.device)
+    gram = a @ a.T
+    sq = gram.diagonal()
+    norms = sq.sqrt()
+    dot = gram[j, k]
+    dist_sq = (sq[j] + sq[k] - 2 * dot).clamp_min(0)
+    separate = dist_sq > tol * (sq[j] + sq[k])
+    valid = (norms[j] > 0) & (norms[k] > 0)
+    cos = (dot[valid] / (norms[j] * norms[k])[valid]).clamp(-1, 1)
+    unit_sq = (2 - 2 * cos).clamp_min(0)
+    apart = unit_sq > 2 * tol
+    log = -0.5 * unit_sq[apart].log()
+    riesz = unit_sq[apart].pow(-riesz_s / 2)
+    fields = {
+        "pairs": float(j.numel()),
+        "cos_pairs": float(cos.numel()),
+        "cos_sum": cos.sum(),
+        "etf_abs_sum": (cos + 1.0 / (m - 1)).abs().sum(),
+        "etf_sq_sum": (cos + 1.0 / (m - 1)).square().sum(),
+        "kernel_pairs": float(log.numel()),
+        "log_sum": log.sum(),
+        "log_sq_sum": (log * log).sum(),
+        "riesz_sum": riesz.sum(),
+        "riesz_sq_sum": (riesz * riesz).sum(),
+        "coincident": float((~separate).sum()),
+        "dot_sq_sum": (dot * dot).sum(),
+        "dist_sq_max": dist_sq.max(),
+    }
+    if cos.numel() > 0:
+        fields["cos_min"] = cos.min()
+        fields["cos_max"] = cos.max()
+    if v is not None:
+        fields["cdnv_sum"] = ((v[j] + v[k])[separate] / (2 * dist_sq[separate].pow(cdnv_p))).sum()
+    for name, value in fields.items():
+        out[PAIRWISE_FIELDS.index(name)] = value
+    return out.to(rows.device)
+
+
+def nearest_centre_reference(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts [n, ncc_correct, mismatch] (3,) int64 and the nearest-centre assignment (N,)
+    int64 from the full (N, K) distance and logit matrices in float64. Only centres with
+    ``present[k]`` compete (all when None); rows with a label outside [0, K), or with no
+    competing centre, get assignment -1 and are not counted; without `weight` mismatch is 0.
+    Ties go to the lowest class index."""
+    x = features.double()
+    mu = means.double()
+    k = mu.shape[0]
+    y = labels.long()
+    # Direct differences, not the Gram identity: the reference must not cancel on offsets.
+    dist = torch.cdist(x, mu, compute_mode="donot_use_mm_for_euclid_dist").square()
+    if present is not None:
+        dist = dist.masked_fill(~present.bool().cpu().to(dist.device), float("inf"))
+    if k and (present is None or bool(present.any())):
+        nearest = dist.argmin(1) if x.shape[0] else torch.zeros(0, dtype=torch.long, device=x.device)
+    else:
+        nearest = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    valid = (y >= 0) & (y < k)
+    nearest = torch.where(valid, nearest, torch.full_like(nearest, -1))
+    correct = (nearest == y) & valid
+    mismatch = torch.zeros_like(valid)
+    if weight is not None and x.shape[0] and k:
+        logits = x @ weight.double().T
+        if bias is not None:
+            logits = logits + bias.double()
+        mismatch = valid & (nearest >= 0) & (logits.argmax(1) != nearest)
+    counted = nearest >= 0
+    counts = torch.tensor([int(counted.sum()), int(correct.sum()), int(mismatch.sum())], dtype=torch.int64)
+    return counts, nearest

@@ -35,6 +35,12 @@ TORCH_LIBRARY(collapse_ext, m) {
       "within_scatter(Tensor features, Tensor labels, Tensor means, Tensor? basis=None) -> Tensor");
 
   // Pairwise and nearest-centre metrics.
+  m.def(
+      "pairwise_stats(Tensor rows, Tensor? variances=None, Tensor? subset=None, float riesz_s=1.0, "
+      "float cdnv_p=1.0) -> Tensor");
+  m.def(
+      "nearest_centre(Tensor features, Tensor labels, Tensor means, Tensor? weight=None, Tensor? bias=None, "
+      "Tensor? present=None, bool assignments=False) -> (Tensor, Tensor)");
 
   // Layer-Peeled Model.
   m.def(

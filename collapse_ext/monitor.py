@@ -1,0 +1,920 @@
+"""Training-loop integration: :class:`CollapseMonitor` (SPEC: "Metrics", measured while training).
+
+Forward hooks on the classifier's input (the penultimate features) and on any named
+layers feed one :class:`~collapse_ext.ClassStats` per layer. A training loop needs two
+extra lines::
+
+    monitor = CollapseMonitor(model, classifier="fc", num_classes=10)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            monitor.update(y)              # labels of the forward that just ran
+            opt.zero_grad(); loss.backward(); opt.step()
+        print(monitor.compute())           # per-layer NC1..NC4, appended to monitor.history
+
+Per batch the hooks only copy the detached (pooled) features into a per-layer buffer;
+full buffers are reduced by the fused ``class_stats`` / ``within_scatter`` ops and merged
+exactly (Chan et al.). Nothing in the per-batch path reads a value back to the host, so a
+CUDA training loop never stalls: on CUDA the statistics use ``check="deferred"`` and the
+NC4 counts accumulate on the device.
+
+NC4 (nearest class centre, Papyan et al. 2020) needs the class means before the samples
+are classified. During training it uses the previous epoch's means (said so in the
+result; undefined in the first epoch); :meth:`CollapseMonitor.evaluate` makes the exact
+two-pass measurement on a fixed model: statistics first, then NC4 with the final means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._ops import nearest_centre
+from .metrics import CollapseMetrics, collapse_metrics, fit_separation_law
+from .stats import ClassStats
+
+__all__ = ["PENULTIMATE", "CollapseMonitor", "MonitorResult"]
+
+PENULTIMATE = "penultimate"
+_POOLS = ("avg", "max", "flatten")
+_STATE_VERSION = 1
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class MonitorResult:
+    """One measurement: the metric bundle of every monitored layer.
+
+    epoch: training epochs completed when it was taken (1 for the first ``compute()``);
+    phase: ``"train"`` (statistics of the batches seen since the last ``compute()``) or
+    ``"eval"`` (:meth:`CollapseMonitor.evaluate`, fixed model, NC4 with the final means);
+    step: batches seen so far; layers: {name: CollapseMetrics} from the input layer to the
+    penultimate features; separation_law: He & Su's fit log D_l = a + l log rho over the
+    layers' separation fuzziness (``rho``, ``r2``, ``pearson``, ``intercept``), or None
+    with the reason in ``notes``.
+    """
+
+    epoch: int
+    phase: str
+    step: int
+    layers: dict[str, CollapseMetrics]
+    separation_law: dict[str, float] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, layer: str) -> CollapseMetrics:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise KeyError(f"Expected one of the monitored layers {list(self.layers)}, got {layer!r}") from None
+
+    @property
+    def separation_fuzziness(self) -> dict[str, float | None]:
+        """{layer: D_l}, He & Su's tr(SS_W SS_B^+) per layer."""
+        return {name: m.separation_fuzziness for name, m in self.layers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON-ready); :meth:`from_dict` rebuilds the result."""
+        layers = {}
+        for name, m in self.layers.items():
+            layers[name] = {
+                "metrics": m.to_dict(),
+                "absent_classes": list(m.absent_classes),
+                "minority_classes": list(m.minority_classes),
+                "ncc_means": m.ncc_means,
+                "undefined": dict(m.undefined),
+            }
+        return {
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "step": self.step,
+            "layers": layers,
+            "separation_law": None if self.separation_law is None else dict(self.separation_law),
+            "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MonitorResult:
+        known = {f.name for f in fields(CollapseMetrics)}
+        layers = {}
+        for name, entry in data["layers"].items():
+            values = {k: v for k, v in entry["metrics"].items() if k in known}
+            for count in ("num_samples", "num_present"):
+                if values.get(count) is not None:
+                    values[count] = int(values[count])
+            layers[name] = CollapseMetrics(
+                **values,
+                absent_classes=list(entry.get("absent_classes", [])),
+                minority_classes=list(entry.get("minority_classes", [])),
+                ncc_means=entry.get("ncc_means"),
+                undefined=dict(entry.get("undefined", {})),
+            )
+        law = data.get("separation_law")
+        return cls(
+            epoch=int(data["epoch"]),
+            phase=str(data["phase"]),
+            step=int(data["step"]),
+            layers=layers,
+            separation_law=None if law is None else dict(law),
+            notes=dict(data.get("notes", {})),
+        )
+
+    def flat(self) -> dict[str, float | int | str | None]:
+        """One flat row {"epoch", "phase", "step", "<layer>/<metric>", "separation_law/<x>"}."""
+        row: dict[str, float | int | str | None] = {"epoch": self.epoch, "phase": self.phase, "step": self.step}
+        for name, m in self.layers.items():
+            for key, value in m.to_dict().items():
+                row[f"{name}/{key}"] = value
+        for key in ("rho", "r2", "pearson"):
+            row[f"separation_law/{key}"] = None if self.separation_law is None else self.separation_law[key]
+        return row
+
+    def summary(self, layer: str | None = None) -> str:
+        """One line of the headline numbers of ``layer`` (default: the last, penultimate)."""
+        name = layer or list(self.layers)[-1]
+        m = self[name]
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3g}"
+
+        parts = [
+            f"epoch {self.epoch:>4} {self.phase:<5}",
+            f"NC1 {fmt(m.nc1)}",
+            f"CDNV {fmt(m.nc1_cdnv)}",
+            f"ETF(M) {fmt(m.etf_error_means)}",
+            f"ETF(W) {fmt(m.etf_error_weights)}",
+            f"NC3 {fmt(m.self_duality)}",
+            f"NCC acc {fmt(m.ncc_accuracy)}",
+            f"NC4 {fmt(m.ncc_mismatch)}",
+        ]
+        if m.minority_classes:
+            parts.append(f"minority cos(W) {fmt(m.minority_weight_cos_mean)}")
+        if self.separation_law is not None:
+            parts.append(f"rho {self.separation_law['rho']:.3g}")
+        return "  ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"CollapseMonitor result: epoch {self.epoch}, phase {self.phase}, step {self.step}"]
+        for name, m in self.layers.items():
+            lines += ["", f"[{name}]", str(m)]
+        lines.append("")
+        if self.separation_law is not None:
+            law = self.separation_law
+            d = ", ".join(f"{k}={'-' if v is None else f'{v:.4g}'}" for k, v in self.separation_fuzziness.items())
+            lines.append(f"separation fuzziness D_l: {d}")
+            lines.append(f"separation law: rho={law['rho']:.4g}  R^2={law['r2']:.4f}  pearson={law['pearson']:.4f}")
+        for key, note in self.notes.items():
+            lines.append(f"{key}: {note}")
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------- per layer
+class _Layer:
+    """Accumulation state of one monitored layer for one measurement (train or eval).
+
+    Captured rows are copied into a preallocated buffer (one copy, no allocation) and
+    reduced when it is full: large reductions keep the per-row cost of S_W at GEMM speed
+    and run the O(K d^2) Chan merge once per buffer instead of once per batch.
+    """
+
+    def __init__(self, monitor: CollapseMonitor) -> None:
+        self.monitor = monitor
+        self.stats: ClassStats | None = None
+        self.buf: torch.Tensor | None = None
+        self.lab: torch.Tensor | None = None
+        self.pred: torch.Tensor | None = None
+        self.fill = 0
+        self.last_rows: tuple[int, int] | None = None
+        self.ncc: torch.Tensor | None = None
+        self.means: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ncc_only = False
+
+    def allocate(self, dim: int, device: torch.device) -> None:
+        mon = self.monitor
+        cov = mon.within_cov if isinstance(mon.within_cov, bool) else dim <= mon.max_cov_dim
+        check = mon.check or ("deferred" if device.type == "cuda" else "strict")
+        with torch.inference_mode(False):
+            self.stats = ClassStats(mon.num_classes, dim, device=device, within_cov=cov, check=check)
+            self.ncc = torch.zeros(3, dtype=torch.int64, device=device)
+
+    def capture(self, name: str, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.stats is None:
+            self.allocate(x.shape[1], x.device)
+        elif x.shape[1] != self.stats.dim:
+            raise ValueError(
+                f"Expected layer {name!r} to give features of dim {self.stats.dim} like its first batch, "
+                f"got {tuple(x.shape)}"
+            )
+        if x.device != self.stats.device:
+            raise ValueError(f"Expected layer {name!r} features on {self.stats.device}, got {x.device}")
+        n = x.shape[0]
+        if self.buf is not None and (self.buf.dtype != x.dtype or self.fill + n > self.buf.shape[0]):
+            self.flush()
+        if self.buf is None or self.buf.dtype != x.dtype or self.buf.shape[0] < n:
+            rows = max(self.monitor.buffer_bytes // max(x.shape[1] * x.element_size(), 1), n)
+            with torch.inference_mode(False):
+                self.buf = torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device)
+                self.lab = torch.empty(rows, dtype=torch.int64, device=x.device)
+                self.pred = torch.empty(rows, dtype=torch.int64, device=x.device)
+        end = self.fill + n
+        self.buf[self.fill : end].copy_(x)
+        self.lab[self.fill : end].copy_(labels, non_blocking=True)
+        self.pred[self.fill : end].fill_(-1)
+        self.last_rows = (self.fill, n)
+        self.fill = end
+
+    def set_predictions(self, pred: torch.Tensor) -> None:
+        """Predictions (argmax of the logits) of the forward whose rows were captured last."""
+        if self.last_rows is None or pred.shape[0] != self.last_rows[1]:
+            return
+        start, n = self.last_rows
+        self.pred[start : start + n].copy_(pred)
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        n, self.fill, self.last_rows = self.fill, 0, None
+        x, y, pred = self.buf[:n], self.lab[:n], self.pred[:n]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.autocast(x.device.type, enabled=False))
+            if not self.ncc_only:
+                self.stats.update(x, y)
+            if self.means is not None:
+                self.ncc += _ncc_counts(x, y, *self.means, pred, self.monitor.num_classes)
+
+    def set_means(self, means: torch.Tensor, present: torch.Tensor) -> None:
+        """Class centres for NC4: means (K, d) float64, present (K,) bool."""
+        self.means = (means, present)
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _ncc_counts(
+    x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, present: torch.Tensor, pred: torch.Tensor, k: int
+) -> torch.Tensor:
+    """NC4 counts [n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
+
+    The nearest centre comes from the fused ``nearest_centre`` op (plain PyTorch where this
+    build has no kernel for the device); the mismatch compares it with ``pred``, the
+    classifier's argmax in the same forward (-1: none, counted as agreeing), so it is the
+    model's own prediction whatever the classifier module and precision."""
+    if _has_kernel("collapse_ext::nearest_centre", x.device):
+        counts, nearest = nearest_centre(x, y, means, present=present, assignments=True)
+        mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
+        return torch.stack([counts[0], counts[1], mismatch])
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pw = present.double()
+    centre = (means * pw.unsqueeze(1)).sum(0) / pw.sum().clamp_min(1.0)
+    mu = (means - centre).to(dtype)
+    sq = (mu * mu).sum(1).masked_fill(~present, float("inf"))
+    nearest = torch.addmm(sq, x.to(dtype) - centre.to(dtype), mu.T, alpha=-2.0).argmin(1)
+    valid = (y >= 0) & (y < k) & present.any()
+    correct = (valid & (nearest == y)).sum()
+    return torch.stack([valid.sum(), correct, (valid & (pred >= 0) & (pred != nearest)).sum()])
+
+
+class _Session:
+    """The per-layer states of one measurement (the training epoch, or an evaluate() pass)."""
+
+    def __init__(self, monitor: CollapseMonitor) -> None:
+        self.layers = {name: _Layer(monitor) for name in monitor.layer_names}
+
+    def flush(self) -> None:
+        for layer in self.layers.values():
+            layer.flush()
+
+
+# -------------------------------------------------------------------------- monitor
+class CollapseMonitor:
+    """Neural-collapse statistics of a model while it trains, through forward hooks.
+
+    Args:
+        model: the network (an ``nn.Module``; a DDP/DataParallel wrapper is looked through).
+        classifier: the last layer, as a module of ``model`` or its name (``"fc"``). Its
+            input are the penultimate features (layer ``"penultimate"``); its ``weight``
+            (K, d) and ``bias`` (when it has them) give NC2 on the classifier, NC3 and the
+            NC4 mismatch; its output's argmax is the prediction NC4 compares with.
+        num_classes: K.
+        layers: more modules whose *outputs* are monitored, for layer-wise analysis (He &
+            Su's law of data separation): names or modules of ``model``, or a dict
+            {key: name or module}. Ordered by their position in ``model``.
+        penultimate: monitor the classifier's input (default True).
+        pool: how outputs of more than two dims (N, C, *spatial) become (N, d): ``"avg"``
+            (mean over the spatial dims, default), ``"max"``, ``"flatten"`` (d = C * H * W),
+            a callable, or a dict {layer: one of these}.
+        every: record one batch in ``every`` (1 = all); skipped batches cost nothing.
+        within_cov: accumulate the (d, d) within-class scatter (needed by NC1 and the
+            separation fuzziness): True, False, or ``"auto"`` = when d <= ``max_cov_dim``.
+        buffer_bytes: per-layer buffer of captured rows reduced at once (0: one batch).
+        train_ncc: count NC4 during training against the previous epoch's means (2 K d
+            flops per row and layer); False leaves NC4 to :meth:`evaluate`.
+        check: ClassStats checking; None = ``"strict"`` on CPU, ``"deferred"`` (no host
+            synchronisation) on CUDA.
+        minority, minority_threshold: passed to :func:`~collapse_ext.metrics.collapse_metrics`.
+        sync: merge statistics across ranks in ``compute()`` when torch.distributed is
+            initialised; process_group: the group (default: the world).
+        loggers: objects with ``log(result)`` (see :mod:`collapse_ext.loggers`), called with
+            every new result (on rank 0 only, unless ``log_all_ranks``).
+
+    The hooks only read: model outputs and gradients are bit-identical with and without
+    the monitor. Use ``monitor.update(y)`` after each forward, or ``with monitor.collect(y):``
+    around it (needed when one step runs several forwards).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        classifier: nn.Module | str,
+        num_classes: int,
+        layers: Sequence[str | nn.Module] | Mapping[str, str | nn.Module] | None = None,
+        penultimate: bool = True,
+        pool: str | Callable | Mapping[str, str | Callable] = "avg",
+        every: int = 1,
+        within_cov: bool | str = "auto",
+        max_cov_dim: int = 4096,
+        buffer_bytes: int = 8 << 20,
+        train_ncc: bool = True,
+        check: str | None = None,
+        minority: Sequence[int] | None = None,
+        minority_threshold: float = 0.5,
+        sync: bool = True,
+        process_group: Any = None,
+        loggers: Iterable[Any] = (),
+        log_all_ranks: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.every = _positive_int(every, "every")
+        if within_cov not in (True, False, "auto"):
+            raise ValueError(f"Expected `within_cov` to be True, False or 'auto', got {within_cov!r}")
+        self.within_cov = within_cov
+        self.max_cov_dim = _positive_int(max_cov_dim, "max_cov_dim")
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
+            raise ValueError(f"Expected `buffer_bytes` to be a non-negative int, got {buffer_bytes!r}")
+        self.buffer_bytes = buffer_bytes
+        self.train_ncc = bool(train_ncc)
+        if check not in (None, "strict", "deferred"):
+            raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
+        self.check = check
+        self.minority = None if minority is None else [int(c) for c in minority]
+        self.minority_threshold = float(minority_threshold)
+        self.sync = bool(sync)
+        self.process_group = process_group
+        self.loggers = list(loggers)
+        for logger in self.loggers:
+            if not callable(getattr(logger, "log", None)):
+                raise TypeError(f"Expected every logger to have a log(result) method, got {type(logger).__name__}")
+        self.log_all_ranks = bool(log_all_ranks)
+
+        self._named = self._named_modules(model)
+        self.classifier, classifier_name = self._resolve(classifier, "classifier")
+        modules = self._layer_modules(layers)
+        if not penultimate and not modules:
+            raise ValueError("Expected at least one layer to monitor: penultimate=False and no `layers`")
+        positions = {id(m): i for i, (_, m) in enumerate(self._named)}
+        entries = [(positions[id(m)], key, m) for key, m in modules.items()]
+        if penultimate:
+            if PENULTIMATE in modules:
+                raise ValueError(f"Expected no layer keyed {PENULTIMATE!r}: the classifier input has that name")
+            entries.append((positions[id(self.classifier)] - 0.5, PENULTIMATE, None))
+        entries.sort(key=lambda e: e[0])
+        self.layer_names: list[str] = [key for _, key, _ in entries]
+        self._pools = self._layer_pools(pool)
+
+        self.history: list[MonitorResult] = []
+        self._epoch = 0
+        self._batch = 0
+        self._session = _Session(self)
+        self._prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._labels: torch.Tensor | None = None
+        self._recording = False
+        self._paused = 0
+        self._stash: dict[str, tuple[torch.Tensor, int]] = {}
+        self._stash_pred: torch.Tensor | None = None
+        self._handles = []
+        for _, key, module in entries:
+            if module is None:
+                self._handles.append(self.classifier.register_forward_pre_hook(self._input_hook))
+            else:
+                self._handles.append(module.register_forward_hook(self._make_output_hook(key)))
+        self._handles.append(self.classifier.register_forward_hook(self._logits_hook))
+        self.classifier_name = classifier_name
+
+    # -------------------------------------------------------------- construction
+    @staticmethod
+    def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        inner = getattr(model, "module", None)
+        wrapped = isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel")
+        return list((inner if wrapped else model).named_modules())
+
+    def _resolve(self, item: Any, what: str) -> tuple[nn.Module, str]:
+        if isinstance(item, str):
+            for name, module in self._named:
+                if name == item:
+                    return module, name
+            names = [n for n, _ in self._named if n]
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(f"Expected `{what}` to name a submodule of `model`, got {item!r} (modules: {shown})")
+        if isinstance(item, nn.Module):
+            for name, module in self._named:
+                if module is item:
+                    return module, name
+        raise TypeError(
+            f"Expected `{what}` to be an nn.Module in `model` or the name of one, got "
+            f"{type(item).__name__ if not isinstance(item, nn.Module) else 'a module that is not in `model`'}"
+        )
+
+    def _layer_modules(self, layers: Any) -> dict[str, nn.Module]:
+        if layers is None:
+            return {}
+        if isinstance(layers, (str, nn.Module)):
+            layers = [layers]
+        items: list[tuple[str | None, Any]]
+        if isinstance(layers, Mapping):
+            items = [(str(k), v) for k, v in layers.items()]
+        elif isinstance(layers, Sequence):
+            items = [(None, v) for v in layers]
+        else:
+            raise TypeError(f"Expected `layers` to be a list of names/modules or a dict, got {type(layers).__name__}")
+        out: dict[str, nn.Module] = {}
+        for key, item in items:
+            module, name = self._resolve(item, "layers")
+            key = key if key is not None else (name or "model")
+            if key in out:
+                raise ValueError(f"Expected distinct `layers`, got {key!r} twice")
+            out[key] = module
+        return out
+
+    def _layer_pools(self, pool: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        def one(p: Any, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            if callable(p):
+                return p
+            if p == "avg":
+                return lambda t: t.mean(dim=tuple(range(2, t.dim())))
+            if p == "max":
+                return lambda t: t.amax(dim=tuple(range(2, t.dim())))
+            if p == "flatten":
+                return lambda t: t.flatten(1)
+            raise ValueError(f"Expected `pool` for layer {key!r} to be one of {_POOLS} or a callable, got {p!r}")
+
+        if isinstance(pool, Mapping):
+            unknown = set(pool) - set(self.layer_names)
+            if unknown:
+                raise ValueError(f"Expected `pool` keys among the layers {self.layer_names}, got {sorted(unknown)}")
+            return {k: one(pool.get(k, "avg"), k) for k in self.layer_names}
+        return {k: one(pool, k) for k in self.layer_names}
+
+    def remove(self) -> None:
+        """Remove the hooks (the monitor keeps its history and statistics)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> CollapseMonitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -------------------------------------------------------------------- hooks
+    def _features(self, key: str, value: Any) -> torch.Tensor:
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            value = value[0]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Expected layer {key!r} to give a Tensor (or a tuple starting with one), got {value!r}")
+        x = value.detach()
+        if x.dim() > 2:
+            x = self._pools[key](x)
+        if x.dim() != 2:
+            raise ValueError(f"Expected layer {key!r} features of shape (N, d) after pooling, got {tuple(x.shape)}")
+        return x
+
+    def _active(self) -> bool:
+        return not self._paused and bool(self._handles)
+
+    def _record(self, key: str, value: Any) -> None:
+        if not self._active():
+            return
+        if self._labels is not None:
+            if self._recording:
+                self._capture(key, self._features(key, value), self._labels)
+        elif self._batch % self.every == 0:
+            x = self._features(key, value)
+            self._stash[key] = (x, x._version)
+
+    def _input_hook(self, module: nn.Module, args: tuple) -> None:
+        if not args:
+            raise TypeError(
+                f"Expected the classifier {self.classifier_name!r} to get its features as a positional input"
+            )
+        self._record(PENULTIMATE, args[0])
+
+    def _make_output_hook(self, key: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._record(key, output)
+
+        return hook
+
+    def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._active() or PENULTIMATE not in self.layer_names:
+            return
+        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] != self.num_classes:
+            return
+        pred = output.detach().argmax(1)
+        if self._labels is not None:
+            if self._recording:
+                self._session.layers[PENULTIMATE].set_predictions(pred)
+        elif self._batch % self.every == 0:
+            self._stash_pred = pred
+
+    def _capture(self, key: str, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if labels.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"Expected labels for the {x.shape[0]} rows layer {key!r} saw in this forward, got {labels.shape[0]}"
+            )
+        self._session.layers[key].capture(key, x, labels)
+
+    # ------------------------------------------------------------------ recording
+    def _check_labels(self, labels: Any) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"Expected `labels` to be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dim() != 1 or labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"Expected `labels` of shape (N,) int32/int64, got {tuple(labels.shape)} {labels.dtype}")
+        if labels.device.type == "cpu" and labels.numel() and (self.check or "strict") == "strict":
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"Expected `labels` in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+        return labels
+
+    @contextlib.contextmanager
+    def collect(self, labels: torch.Tensor) -> Iterator[CollapseMonitor]:
+        """Record every forward of the monitored layers inside the block with ``labels``
+        (N,) int: one training batch (counts once for ``every``)."""
+        if self._labels is not None:
+            raise RuntimeError("Expected collect() blocks not to nest")
+        self._labels = self._check_labels(labels)
+        self._recording = self._batch % self.every == 0
+        try:
+            yield self
+        finally:
+            self._labels = None
+            self._recording = False
+            self._batch += 1
+            self._stash.clear()
+            self._stash_pred = None
+
+    def update(self, labels: torch.Tensor) -> None:
+        """Record the forward that just ran with its ``labels`` (N,) int (call it once per
+        training batch, after ``model(x)``; before or after ``backward()``)."""
+        labels = self._check_labels(labels)
+        recording = self._batch % self.every == 0
+        self._batch += 1
+        stash, pred = self._stash, self._stash_pred
+        self._stash, self._stash_pred = {}, None
+        if not recording or self._paused:
+            return
+        if not stash:
+            raise RuntimeError(
+                "update() found no features: run the model forward on the batch before update(labels) "
+                "(and not inside monitor.paused())"
+            )
+        for key, (x, version) in stash.items():
+            if x._version != version:
+                raise RuntimeError(
+                    f"The features of layer {key!r} were modified in place after the forward (e.g. by "
+                    "nn.ReLU(inplace=True)); monitor another module or use `with monitor.collect(labels):`"
+                )
+            self._capture(key, x, labels)
+            if key == PENULTIMATE and pred is not None and pred.shape[0] == x.shape[0]:
+                self._session.layers[key].set_predictions(pred)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[CollapseMonitor]:
+        """Forwards inside the block are not recorded (validation passes, ...)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
+    # ------------------------------------------------------------------ results
+    def _world(self) -> int:
+        import torch.distributed as dist
+
+        if not self.sync or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(self.process_group)
+        return 0
+
+    def _all_reduce(self, session: _Session, *, stats: bool = True, ncc: bool = True) -> None:
+        """Exact merge of every layer's statistics (ClassStats.all_reduce) and one sum of
+        the NC4 counts of all layers across ranks; a rank that saw no batch of a layer
+        joins with empty statistics."""
+        import torch.distributed as dist
+
+        layers = [session.layers[name] for name in self.layer_names]
+        device = self._comm_device(layers)
+        dims = torch.tensor([0 if s.stats is None else s.stats.dim for s in layers], dtype=torch.int64, device=device)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=self.process_group)
+        for layer, dim in zip(layers, dims.tolist()):
+            if dim and layer.stats is None:
+                layer.allocate(int(dim), device)
+        active = [layer for layer in layers if layer.stats is not None]
+        if stats:
+            for layer in active:
+                layer.stats.all_reduce(self.process_group)
+        if ncc and active:
+            counts = torch.stack([layer.ncc.to(device) for layer in active])
+            dist.all_reduce(counts, group=self.process_group)
+            for layer, row in zip(active, counts):
+                layer.ncc = row.to(layer.stats.device)
+
+    def _comm_device(self, layers: list[_Layer]) -> torch.device:
+        for layer in layers:
+            if layer.stats is not None:
+                return layer.stats.device
+        import torch.distributed as dist
+
+        backend = dist.get_backend(self.process_group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _classifier_params(self, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w = getattr(self.classifier, "weight", None)
+        b = getattr(self.classifier, "bias", None)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (self.num_classes, dim):
+            return None, None
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (self.num_classes,):
+            b = None
+        return w.detach(), None if b is None else b.detach()
+
+    def _result(self, session: _Session, phase: str, ncc_note: str | None, missing_ncc: str) -> MonitorResult:
+        bundles: dict[str, CollapseMetrics] = {}
+        notes: dict[str, str] = {}
+        for name in self.layer_names:
+            layer = session.layers[name]
+            if layer.stats is not None:
+                layer.stats.check_rejected()
+            if layer.stats is None or layer.stats.num_samples == 0:
+                notes[name] = "no batch recorded"
+                continue
+            w, b = self._classifier_params(layer.stats.dim) if name == PENULTIMATE else (None, None)
+            counts = layer.ncc if layer.means is not None else None
+            m = collapse_metrics(
+                layer.stats,
+                w,
+                b,
+                minority=self.minority,
+                minority_threshold=self.minority_threshold,
+                ncc_counts=counts,
+            )
+            if counts is not None:
+                m.ncc_means = ncc_note
+                if name != PENULTIMATE:
+                    m.undefined.setdefault("ncc_mismatch", "only for the classifier input (penultimate)")
+            else:
+                m.undefined["ncc_accuracy"] = missing_ncc
+                if w is not None:
+                    m.undefined["ncc_mismatch"] = missing_ncc
+            bundles[name] = m
+        if not bundles:
+            raise RuntimeError(
+                "compute() found no recorded batch: call monitor.update(labels) after each forward "
+                "(or run the forward inside `with monitor.collect(labels):`)"
+            )
+        law = None
+        values = [m.separation_fuzziness for m in bundles.values()]
+        if len(values) < 2:
+            notes["separation_law"] = "needs at least 2 monitored layers (pass `layers=`)"
+        elif any(v is None or not math.isfinite(v) or v <= 0 for v in values):
+            notes["separation_law"] = "needs a positive separation fuzziness on every layer"
+        else:
+            law = fit_separation_law(values)._asdict()
+        return MonitorResult(
+            epoch=self._epoch, phase=phase, step=self._batch, layers=bundles, separation_law=law, notes=notes
+        )
+
+    def _publish(self, result: MonitorResult) -> None:
+        self.history.append(result)
+        if self.log_all_ranks or self._rank() == 0:
+            for logger in self.loggers:
+                logger.log(result)
+
+    def compute(self) -> MonitorResult:
+        """End of an epoch: merge across ranks, compute the metric bundle of every layer,
+        append it to ``history``, send it to the loggers and reset for the next epoch.
+
+        NC4 uses the previous epoch's class means (``ncc_means`` says so); in the first
+        epoch it is undefined: use :meth:`evaluate` for the exact two-pass NC4."""
+        session = self._session
+        session.flush()
+        if self._world() > 1:
+            self._all_reduce(session)
+        self._epoch += 1
+        try:
+            result = self._result(
+                session,
+                "train",
+                "previous epoch's class means (training statistics)",
+                "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means"
+                if self.train_ncc
+                else "train_ncc=False; evaluate(loader) measures NC4 with the final means",
+            )
+        except Exception:
+            self._epoch -= 1
+            raise
+        self._prev = {}
+        for name, layer in session.layers.items():
+            if layer.stats is not None and layer.stats.num_samples > 0:
+                self._prev[name] = (layer.stats.means.clone(), layer.stats.present.clone())
+        self._session = self._new_session()
+        self._publish(result)
+        return result
+
+    def _new_session(self) -> _Session:
+        session = _Session(self)
+        for name, (means, present) in self._prev.items() if self.train_ncc else ():
+            session.layers[name].set_means(means, present)
+        return session
+
+    def reset(self) -> None:
+        """Drop the statistics of the current epoch (history and previous means are kept)."""
+        self._session = self._new_session()
+
+    # -------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume mid-epoch with identical results: this rank's
+        statistics, the rows still buffered, the NC4 counts and centres, counters and the
+        history (plain tensors, numbers and strings: loads with ``torch.load(weights_only=True)``)."""
+        layers = {}
+        for name, layer in self._session.layers.items():
+            entry: dict[str, Any] = {}
+            if layer.stats is not None:
+                n = layer.fill
+                entry = {
+                    "stats": layer.stats.state_dict(),
+                    "ncc": layer.ncc.clone(),
+                    "rows": layer.buf[:n].clone() if n else None,
+                    "labels": layer.lab[:n].clone() if n else None,
+                    "preds": layer.pred[:n].clone() if n else None,
+                    "capacity": 0 if layer.buf is None else layer.buf.shape[0],
+                }
+            layers[name] = entry
+        return {
+            "version": _STATE_VERSION,
+            "layer_names": list(self.layer_names),
+            "num_classes": self.num_classes,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "layers": layers,
+            "prev": {name: {"means": m.clone(), "present": p.clone()} for name, (m, p) in self._prev.items()},
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on a monitor built with the same layers and K); the
+        statistics move to the device they were saved from unless the model is elsewhere."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"Expected a CollapseMonitor state of version {_STATE_VERSION}, got {state.get('version')!r}"
+            )
+        if list(state["layer_names"]) != self.layer_names or state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"Expected a state for layers {self.layer_names} with num_classes={self.num_classes}, "
+                f"got layers {list(state['layer_names'])} with num_classes={state['num_classes']}"
+            )
+        device = self._model_device()
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._prev = {
+            name: (e["means"].to(device, torch.float64), e["present"].to(device, torch.bool))
+            for name, e in state["prev"].items()
+        }
+        self._session = self._new_session()
+        for name, entry in state["layers"].items():
+            if not entry:
+                continue
+            layer = self._session.layers[name]
+            saved = entry["stats"]
+            layer.allocate(int(saved["dim"]), device)
+            if layer.stats.within_cov_enabled != bool(saved["within_cov"]):
+                layer.stats = ClassStats(
+                    self.num_classes,
+                    int(saved["dim"]),
+                    device=device,
+                    within_cov=saved["within_cov"],
+                    check=layer.stats.check,
+                )
+            layer.stats.load_state_dict(saved)
+            layer.ncc = entry["ncc"].to(device)
+            if entry["rows"] is not None:
+                rows = entry["rows"].to(device)
+                layer.buf = torch.empty(entry["capacity"], rows.shape[1], dtype=rows.dtype, device=device)
+                layer.lab = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
+                layer.pred = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
+                n = rows.shape[0]
+                layer.buf[:n].copy_(rows)
+                layer.lab[:n].copy_(entry["labels"])
+                layer.pred[:n].copy_(entry["preds"])
+                layer.fill = n
+        self.history = [MonitorResult.from_dict(r) for r in state["history"]]
+
+    def _model_device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def evaluate(
+        self,
+        loader: Iterable[Any],
+        *,
+        unpack: Callable[[Any], tuple[Any, torch.Tensor]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> MonitorResult:
+        """Exact measurement on the current model, two passes over ``loader`` in eval mode
+        without gradients: statistics first, then NC4 with the final class means.
+
+        loader: re-iterable batches ``(inputs, labels)`` (a DataLoader, a list); ``unpack``
+        maps a batch to that pair; inputs go to ``device`` (default: the model's). The
+        training statistics of the current epoch are left untouched; the result (phase
+        ``"eval"``) is appended to ``history``."""
+        if iter(loader) is loader:
+            raise TypeError("Expected `loader` to be re-iterable (a DataLoader or a list): evaluate() makes two passes")
+        unpack = unpack or _default_unpack
+        if device is None:
+            device = self._model_device()
+        was_training = self.model.training
+        saved = (self._session, self._labels, self._recording, self._stash, self._stash_pred)
+        self._session, self._stash, self._stash_pred = _Session(self), {}, None
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self._pass(loader, unpack, device)
+                self._session.flush()
+                if self._world() > 1:
+                    self._all_reduce(self._session, ncc=False)
+                for layer in self._session.layers.values():
+                    if layer.stats is not None:
+                        layer.set_means(layer.stats.means, layer.stats.present)
+                        layer.ncc_only = True
+                self._pass(loader, unpack, device)
+                self._session.flush()
+                if self._world() > 1:
+                    self._all_reduce(self._session, stats=False)
+            result = self._result(
+                self._session,
+                "eval",
+                "final class means (second pass of evaluate())",
+                "no sample reached this layer in the second pass",
+            )
+        finally:
+            self._session, self._labels, self._recording, self._stash, self._stash_pred = saved
+            self.model.train(was_training)
+        self._publish(result)
+        return result
+
+    def _pass(self, loader: Iterable[Any], unpack: Callable, device: Any) -> None:
+        self._labels, self._recording = None, True
+        for batch in loader:
+            inputs, labels = unpack(batch)
+            labels = self._check_labels(labels).to(device, non_blocking=True)
+            if isinstance(inputs, torch.Tensor):
+                inputs = inputs.to(device, non_blocking=True)
+            self._labels = labels
+            try:
+                self.model(inputs)
+            finally:
+                self._labels = None
+        self._recording = False
+
+
+def _default_unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"Expected loader batches (inputs, labels), got {type(batch).__name__}: pass unpack=lambda b: (inputs, labels)"
+    )

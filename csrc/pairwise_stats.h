@@ -1,0 +1,147 @@
+// The per-pair reduction of pairwise_stats, shared by the CPU and CUDA kernels so both
+// compute exactly the same quantities from one Gram entry. The output layout is
+// collapse_ext.reference.PAIRWISE_FIELDS; keep the two in the same order.
+#pragma once
+
+#include <torch/all.h>
+
+#include <cmath>
+#include <optional>
+
+#include "checks.h"
+
+#ifdef __CUDACC__
+#define CE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CE_HOST_DEVICE inline
+#endif
+
+namespace collapse_ext {
+namespace pairwise {
+
+enum Field : int {
+  kPairs,
+  kCosPairs,
+  kCosSum,
+  kCosMin,
+  kCosMax,
+  kEtfAbsSum,
+  kEtfSqSum,
+  kKernelPairs,
+  kLogSum,
+  kLogSqSum,
+  kRieszSum,
+  kRieszSqSum,
+  kCdnvSum,
+  kCoincident,
+  kDotSqSum,
+  kDistSqMax,
+  kNumFields
+};
+
+// Host-validated constants of one call; the kernels only read them.
+struct Params {
+  double etf_shift;  // 1 / (m - 1): the simplex-ETF cosine is -etf_shift
+  double riesz_s;
+  double cdnv_p;
+  bool has_variances;
+  // 4 eps of the Gram product dtype: distances within this fraction of ||a_j||^2 + ||a_k||^2
+  // are rounding of the Gram identity, so such pairs count as coinciding.
+  double tol;
+};
+
+// Plain compares, not fmin/fmax: without -ffinite-math-only those are library calls on
+// the CPU, several per pair. Inputs are finite (NaN rows give NaN sums either way).
+CE_HOST_DEVICE double lo(double a, double b) { return b < a ? b : a; }
+CE_HOST_DEVICE double hi(double a, double b) { return b > a ? b : a; }
+
+CE_HOST_DEVICE bool is_min(int f) { return f == kCosMin; }
+CE_HOST_DEVICE bool is_max(int f) { return f == kCosMax || f == kDistSqMax; }
+
+CE_HOST_DEVICE void init(double* acc) {
+  for (int f = 0; f < kNumFields; ++f) acc[f] = is_min(f) ? INFINITY : (is_max(f) ? -INFINITY : 0.0);
+}
+
+CE_HOST_DEVICE void merge(double* acc, const double* other) {
+  for (int f = 0; f < kNumFields; ++f) {
+    if (is_min(f))
+      acc[f] = lo(acc[f], other[f]);
+    else if (is_max(f))
+      acc[f] = hi(acc[f], other[f]);
+    else
+      acc[f] += other[f];
+  }
+}
+
+// One pair j < k: dot = a_j . a_k, sq_* = ||a_*||^2, inv_* = 1/||a_*|| (0 for a zero row),
+// var_* the per-row variances (ignored without them).
+CE_HOST_DEVICE void add_pair(double* acc, double dot, double sq_j, double sq_k, double inv_j, double inv_k,
+                             double var_j, double var_k, const Params& p) {
+  acc[kPairs] += 1.0;
+  // The Gram identity for distances: callers centre the rows first (metrics pass
+  // mu_k - mu_G), which keeps the cancellation at the scale of the spread.
+  const double dist_sq = hi(sq_j + sq_k - 2.0 * dot, 0.0);
+  acc[kDistSqMax] = hi(acc[kDistSqMax], dist_sq);
+  acc[kDotSqSum] += dot * dot;
+  if (dist_sq > p.tol * (sq_j + sq_k)) {
+    if (p.has_variances) {
+      const double denom = p.cdnv_p == 1.0 ? dist_sq : pow(dist_sq, p.cdnv_p);
+      acc[kCdnvSum] += (var_j + var_k) / (2.0 * denom);
+    }
+  } else {
+    acc[kCoincident] += 1.0;
+  }
+  if (inv_j == 0.0 || inv_k == 0.0) return;
+  const double cos = lo(hi(dot * inv_j * inv_k, -1.0), 1.0);
+  acc[kCosPairs] += 1.0;
+  acc[kCosSum] += cos;
+  acc[kCosMin] = lo(acc[kCosMin], cos);
+  acc[kCosMax] = hi(acc[kCosMax], cos);
+  const double shifted = cos + p.etf_shift;
+  acc[kEtfAbsSum] += fabs(shifted);
+  acc[kEtfSqSum] += shifted * shifted;
+  const double unit_sq = hi(2.0 - 2.0 * cos, 0.0);  // ||u_j - u_k||^2 on the unit sphere
+  if (unit_sq > 2.0 * p.tol) {
+    const double lg = -0.5 * log(unit_sq);  // log(1 / ||u_j - u_k||)
+    // ||u_j - u_k||^-s; exp/pow only for an unusual exponent.
+    const double riesz = p.riesz_s == 1.0 ? 1.0 / sqrt(unit_sq)
+                         : p.riesz_s == 2.0 ? 1.0 / unit_sq
+                                            : exp(p.riesz_s * lg);
+    acc[kKernelPairs] += 1.0;
+    acc[kLogSum] += lg;
+    acc[kLogSqSum] += lg * lg;
+    acc[kRieszSum] += riesz;
+    acc[kRieszSqSum] += riesz * riesz;
+  }
+}
+
+}  // namespace pairwise
+
+// rows (K, d) float; variances (K,) float; subset (m,) int indices into rows, checked to
+// lie in [0, K) (one host synchronisation on CUDA: this op is not for the training step).
+inline void check_pairwise_inputs(const at::Tensor& rows, const std::optional<at::Tensor>& variances,
+                                  const std::optional<at::Tensor>& subset, double riesz_s, double cdnv_p) {
+  CE_CHECK_DIM(rows, 2, "rows", "(K, d)");
+  CE_CHECK_FLOAT(rows, "rows");
+  if (variances.has_value()) {
+    CE_CHECK_DIM(*variances, 1, "variances", "(K,)");
+    CE_CHECK_FLOAT(*variances, "variances");
+    CE_CHECK_SIZE(*variances, 0, rows.size(0), "variances", "K (the rows of rows)");
+    CE_CHECK_SAME_DEVICE(*variances, rows, "variances", "rows");
+  }
+  if (subset.has_value()) {
+    CE_CHECK_DIM(*subset, 1, "subset", "(m,)");
+    CE_CHECK_LABELS(*subset, "subset");
+    CE_CHECK_SAME_DEVICE(*subset, rows, "subset", "rows");
+    if (subset->numel() > 0) {
+      const auto [lo, hi] = at::aminmax(*subset);
+      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+      TORCH_CHECK(lo_v >= 0 && hi_v < rows.size(0), "subset must hold row indices in [0, ", rows.size(0),
+                  "), got values in [", lo_v, ", ", hi_v, "]");
+    }
+  }
+  TORCH_CHECK(std::isfinite(riesz_s) && riesz_s > 0, "riesz_s must be a positive finite number, got ", riesz_s);
+  TORCH_CHECK(std::isfinite(cdnv_p) && cdnv_p > 0, "cdnv_p must be a positive finite number, got ", cdnv_p);
+}
+
+}  // namespace collapse_ext

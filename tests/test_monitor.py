@@ -1,0 +1,582 @@
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import DEVICES, rel_err
+from torch import nn
+
+import collapse_ext.monitor as monitor_module
+from collapse_ext import ClassStats, CollapseMonitor, collapse_metrics, nearest_centre_counts
+from collapse_ext.data import make_mlp
+from collapse_ext.monitor import PENULTIMATE, MonitorResult
+
+
+def _data(n=240, d=16, k=5, seed=0, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(k, d, generator=g)
+    y = torch.arange(n) % k
+    y = y[torch.randperm(n, generator=g)]
+    x = means[y] + noise * torch.randn(n, d, generator=g)
+    return x, y
+
+
+def _mlp(d=16, k=5, seed=0):
+    torch.manual_seed(seed)
+    return make_mlp(d, (32, 24), k)
+
+
+def _batches(x, y, size=32):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def _stats_of(features, labels, k):
+    s = ClassStats(k, features.shape[1], within_cov=True)
+    return s.update(features.double(), labels)
+
+
+def _assert_same_stats(a: ClassStats, b: ClassStats, rtol=1e-12):
+    assert torch.equal(a.counts, b.counts)
+    torch.testing.assert_close(a.means, b.means, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(a.sqdev, b.sqdev, rtol=rtol, atol=1e-12)
+    assert rel_err(a.scatter, b.scatter) <= rtol
+
+
+def _same_result(a: MonitorResult, b: MonitorResult):
+    assert a.to_dict() == b.to_dict()
+
+
+# ------------------------------------------------------------------------ hooks
+def test_update_records_classifier_input_and_layers():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=0)
+    assert mon.layer_names == ["block1", PENULTIMATE]
+    with torch.no_grad():
+        for xb, yb in _batches(x, y):
+            model(xb)
+            mon.update(yb)
+        h1 = model.block1(x)
+        h2 = model.block2(h1)
+    session = mon._session
+    session.flush()
+    _assert_same_stats(session.layers["block1"].stats, _stats_of(h1, y, 5), rtol=1e-6)
+    _assert_same_stats(session.layers[PENULTIMATE].stats, _stats_of(h2, y, 5), rtol=1e-6)
+
+
+def test_collect_equals_update_and_buffering_is_exact():
+    x, y = _data()
+    x, model = x.double(), _mlp().double().eval()  # float64: batching changes nothing but rounding
+    results = []
+    for api, buffer_bytes in (("update", 0), ("collect", 0), ("update", 1 << 20), ("collect", 3000)):
+        mon = CollapseMonitor(model, classifier=model.fc, num_classes=5, layers=["block1"], buffer_bytes=buffer_bytes)
+        with torch.no_grad():
+            for _ in range(2):
+                for xb, yb in _batches(x, y):
+                    if api == "update":
+                        model(xb)
+                        mon.update(yb)
+                    else:
+                        with mon.collect(yb):
+                            model(xb)
+                results.append(mon.compute())
+        mon.remove()
+    for i, r in enumerate(results[2:]):
+        first = results[i % 2]
+        assert first.epoch == r.epoch
+        for name in first.layers:
+            for key, value in first[name].to_dict().items():
+                other = r[name].to_dict()[key]
+                assert (value is None) == (other is None), key
+                if value is not None:
+                    assert other == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_conv_features_pooled_and_flattened():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
+    model.add_module("act", nn.ReLU())
+    model.add_module("pool", nn.AdaptiveAvgPool2d(2))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(16, 3))
+    x = torch.randn(12, 3, 5, 5)
+    y = torch.arange(12) % 3
+    for pool, expect in (
+        ("avg", lambda t: t.mean((2, 3))),
+        ("max", lambda t: t.amax((2, 3))),
+        ("flatten", lambda t: t.flatten(1)),
+        (lambda t: t[:, :, 0, 0], lambda t: t[:, :, 0, 0]),
+    ):
+        mon = CollapseMonitor(model, classifier="fc", num_classes=3, layers=["act"], pool={"act": pool})
+        with torch.no_grad():
+            out = model.act(model.conv(x))
+            model(x)
+        mon.update(y)
+        mon._session.flush()
+        got = mon._session.layers["act"].stats
+        _assert_same_stats(got, _stats_of(expect(out), y, 3), rtol=1e-6)
+        mon.remove()
+
+
+def test_layers_are_ordered_by_position_and_accept_modules_and_dicts():
+    model = _mlp()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=[model.block2, "block1"])
+    assert mon.layer_names == ["block1", "block2", PENULTIMATE]
+    mon.remove()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers={"first": "block1"}, penultimate=False)
+    assert mon.layer_names == ["first"]
+    mon.remove()
+
+
+def test_outputs_and_gradients_bit_identical():
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("conv", nn.Conv2d(3, 8, 3, padding=1))
+    base.add_module("bn", nn.BatchNorm2d(8))
+    base.add_module("act", nn.ReLU(inplace=True))
+    base.add_module("gap", nn.AdaptiveAvgPool2d(1))
+    base.add_module("flat", nn.Flatten())
+    base.add_module("fc", nn.Linear(8, 4))
+    x = torch.randn(3, 16, 3, 6, 6)
+    y = torch.randint(0, 4, (3, 16))
+    runs = []
+    for use in (False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        mon = CollapseMonitor(model, classifier="fc", num_classes=4, layers=["bn", "gap"]) if use else None
+        outs, grads = [], []
+        for xb, yb in zip(x, y):
+            out = model(xb)
+            if mon is not None:
+                mon.update(yb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            outs.append(out.detach().clone())
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+        if mon is not None:
+            mon.compute()
+        runs.append((outs, grads, [p.detach().clone() for p in model.parameters()]))
+    (o1, g1, p1), (o2, g2, p2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
+    assert all(torch.equal(a, b) for ga, gb in zip(g1, g2) for a, b in zip(ga, gb))
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_every_records_one_batch_in_n():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, every=3)
+    with torch.no_grad():
+        for xb, yb in _batches(x, y):
+            model(xb)
+            mon.update(yb)
+    kept = torch.cat([yb for i, (_, yb) in enumerate(_batches(x, y)) if i % 3 == 0])
+    assert mon.compute()[PENULTIMATE].num_samples == kept.numel()
+
+
+def test_bf16_autocast_features_accepted():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    ref = CollapseMonitor(copy.deepcopy(model), classifier="fc", num_classes=5)
+    with torch.no_grad():
+        for xb, yb in _batches(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(xb)
+            assert out.dtype == torch.bfloat16
+            mon.update(yb)
+            ref.model(xb)
+            ref.update(yb)
+    assert mon._session.layers[PENULTIMATE].buf.dtype == torch.bfloat16
+    got, want = mon.compute()[PENULTIMATE], ref.compute()[PENULTIMATE]
+    assert got.num_samples == want.num_samples
+    assert got.nc1 == pytest.approx(want.nc1, rel=5e-2)
+
+
+def test_inference_mode_forward():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    for xb, yb in _batches(x, y):
+        with torch.inference_mode(), mon.collect(yb):
+            model(xb)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+
+
+def test_paused_and_removed_hooks_record_nothing():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    with torch.no_grad(), mon.paused():
+        model(x)
+    with pytest.raises(RuntimeError, match="update\\(\\) found no features"):
+        mon.update(y)
+    mon.remove()
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="compute\\(\\) found no recorded batch"):
+        mon.compute()
+
+
+# --------------------------------------------------------------------- results
+def test_compute_bundle_nc4_previous_means_and_separation_law():
+    x, y = _data(noise=1.0)
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+    with torch.no_grad():
+        h = model.block2(model.block1(x))
+        pred = model(x).argmax(1)
+    for xb, yb in _batches(x, y):
+        with torch.no_grad():
+            model(xb)
+        mon.update(yb)
+    first = mon.compute()
+    assert first.epoch == 1 and first.phase == "train" and mon.history == [first]
+    m = first[PENULTIMATE]
+    assert m.ncc_accuracy is None and "first epoch" in m.undefined["ncc_accuracy"]
+    assert m.nc1 is not None and m.self_duality is not None
+    assert set(first.separation_fuzziness) == {"block1", PENULTIMATE}
+    assert first.separation_law is not None and first.separation_law["rho"] > 0
+    stats = _stats_of(h, y, 5)
+    want = collapse_metrics(stats, model.fc.weight.detach(), model.fc.bias.detach())
+    assert m.nc1 == pytest.approx(want.nc1, rel=1e-5)
+    assert m.self_duality == pytest.approx(want.self_duality, rel=1e-5)
+
+    for xb, yb in _batches(x, y):
+        with torch.no_grad():
+            model(xb)
+        mon.update(yb)
+    second = mon.compute()[PENULTIMATE]
+    assert "previous epoch" in second.ncc_means
+    counts = nearest_centre_counts(h, y, stats.means, model.fc.weight.detach(), model.fc.bias.detach())
+    n, correct, mismatch = counts.tolist()
+    assert second.ncc_accuracy == pytest.approx(correct / n)
+    assert second.ncc_mismatch == pytest.approx(mismatch / n)
+    assert torch.equal(pred, model(x).argmax(1))
+    assert len(mon.history) == 2
+
+
+def test_ncc_fallback_matches_fused(monkeypatch):
+    x, y = _data(noise=2.0)
+    means = _stats_of(x, y, 5).means
+    present = torch.tensor([True, True, False, True, True])
+    pred = torch.randint(-1, 5, (len(y),))
+    fused = monitor_module._ncc_counts(x, y, means, present, pred, 5)
+    monkeypatch.setattr(monitor_module, "_has_kernel", lambda op, device: False)
+    plain = monitor_module._ncc_counts(x, y, means, present, pred, 5)
+    assert torch.equal(fused, plain)
+
+
+def test_evaluate_two_passes_with_final_means():
+    x, y = _data(noise=1.5)
+    model = _mlp()
+    model.train()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+    model(x[:32])
+    mon.update(y[:32])
+    loader = _batches(x, y, 50)
+    result = mon.evaluate(loader)
+    assert model.training
+    assert result.phase == "eval" and result.epoch == 0 and mon.history[-1] is result
+    assert mon._session.layers[PENULTIMATE].fill == 32
+    model.eval()
+    with torch.no_grad():
+        h = model.block2(model.block1(x))
+    w, b = model.fc.weight.detach(), model.fc.bias.detach()
+    want = collapse_metrics(_stats_of(h, y, 5), w, b, features=h, labels=y)
+    got = result[PENULTIMATE]
+    assert "final class means" in got.ncc_means
+    assert got.ncc_accuracy == pytest.approx(want.ncc_accuracy)
+    assert got.ncc_mismatch == pytest.approx(want.ncc_mismatch)
+    assert got.nc1 == pytest.approx(want.nc1, rel=1e-5)
+    assert result["block1"].ncc_accuracy is not None
+    with pytest.raises(TypeError, match="re-iterable"):
+        mon.evaluate(iter(loader))
+
+
+def test_minority_metrics_when_imbalanced():
+    x, y = _data(n=300, noise=0.5)
+    keep = (y < 3) | (torch.arange(len(y)) % 10 == 0)
+    x, y = x[keep], y[keep]
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    m = mon.compute()[PENULTIMATE]
+    assert m.minority_classes == [3, 4]
+    assert m.minority_weight_cos_mean is not None
+
+
+def test_result_round_trips_and_prints():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    r = mon.compute()
+    again = MonitorResult.from_dict(r.to_dict())
+    _same_result(r, again)
+    text = str(r)
+    assert "[penultimate]" in text and "separation law" in text
+    assert r.summary().startswith("epoch    1 train")
+    flat = r.flat()
+    assert flat["penultimate/nc1"] == r[PENULTIMATE].nc1
+    with pytest.raises(KeyError, match="monitored layers"):
+        r["nope"]
+
+
+# --------------------------------------------------------------------- resume
+def test_state_dict_resumes_mid_epoch_identically(tmp_path):
+    x, y = _data()
+    batches = _batches(x, y, 24)
+    kwargs = dict(classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=4000)
+
+    model = _mlp()
+    mon = CollapseMonitor(model, **kwargs)
+    with torch.no_grad():
+        for xb, yb in batches:
+            model(xb)
+            mon.update(yb)
+    mon.compute()
+    for xb, yb in batches[:7]:
+        with torch.no_grad():
+            model(xb)
+        mon.update(yb)
+    assert mon._session.layers[PENULTIMATE].fill > 0
+    path = tmp_path / "mon.pt"
+    torch.save({"model": model.state_dict(), "monitor": mon.state_dict()}, path)
+    for xb, yb in batches[7:]:
+        with torch.no_grad():
+            model(xb)
+        mon.update(yb)
+    want = mon.compute()
+
+    ckpt = torch.load(path, weights_only=True)
+    model2 = _mlp(seed=1)
+    model2.load_state_dict(ckpt["model"])
+    mon2 = CollapseMonitor(model2, **kwargs)
+    mon2.load_state_dict(ckpt["monitor"])
+    assert len(mon2.history) == 1
+    for xb, yb in batches[7:]:
+        with torch.no_grad():
+            model2(xb)
+        mon2.update(yb)
+    got = mon2.compute()
+    _same_result(want, got)
+    assert [r.to_dict() for r in mon.history] == [r.to_dict() for r in mon2.history]
+    with pytest.raises(ValueError, match="Expected a state for layers"):
+        CollapseMonitor(model2, classifier="fc", num_classes=5).load_state_dict(ckpt["monitor"])
+
+
+# ------------------------------------------------------------------------ errors
+def test_clear_errors():
+    model = _mlp()
+    with pytest.raises(TypeError, match="Expected `model` to be an nn.Module"):
+        CollapseMonitor("model", classifier="fc", num_classes=5)
+    with pytest.raises(TypeError, match="Expected `classifier` to be an nn.Module in `model`"):
+        CollapseMonitor(model, classifier=nn.Linear(3, 3), num_classes=5)
+    with pytest.raises(TypeError, match="Expected `classifier` to be an nn.Module in `model`"):
+        CollapseMonitor(model, classifier=3, num_classes=5)
+    with pytest.raises(ValueError, match="Expected `classifier` to name a submodule of `model`, got 'head'"):
+        CollapseMonitor(model, classifier="head", num_classes=5)
+    with pytest.raises(ValueError, match="Expected `num_classes` to be a positive int"):
+        CollapseMonitor(model, classifier="fc", num_classes=0)
+    with pytest.raises(ValueError, match="Expected `every` to be a positive int"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, every=0)
+    with pytest.raises(ValueError, match="Expected `pool` for layer 'penultimate' to be one of"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, pool="median")
+    with pytest.raises(ValueError, match="Expected distinct `layers`"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1", model.block1])
+    with pytest.raises(ValueError, match="Expected at least one layer"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, penultimate=False)
+    with pytest.raises(TypeError, match="log\\(result\\)"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, loggers=[object()])
+
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    x, y = _data()
+    model(x)
+    with pytest.raises(ValueError, match="Expected labels for the 240 rows"):
+        mon.update(y[:10])
+    with pytest.raises(ValueError, match="Expected `labels` in \\[0, 5\\)"):
+        mon.update(y + 3)
+    with pytest.raises(TypeError, match="Expected `labels` to be a torch.Tensor"):
+        mon.update([0, 1])
+    with pytest.raises(RuntimeError, match="not to nest"):
+        with mon.collect(y), mon.collect(y):
+            pass
+
+
+def test_in_place_modified_features_are_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(4, 6))
+    model.add_module("act", nn.ReLU(inplace=True))
+    model.add_module("fc", nn.Linear(6, 3))
+    mon = CollapseMonitor(model, classifier="fc", num_classes=3, layers=["lin"])
+    x, y = torch.randn(9, 4), torch.arange(9) % 3
+    model(x)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        mon.update(y)
+    with mon.collect(y):
+        model(x)
+    assert mon.compute()["lin"].num_samples == 9
+
+
+def test_dataparallel_wrapper_is_looked_through():
+    model = _mlp().eval()
+    wrapped = nn.DataParallel(model) if not torch.cuda.is_available() else model
+    mon = CollapseMonitor(wrapped, classifier="fc", num_classes=5)
+    x, y = _data()
+    with torch.no_grad():
+        wrapped(x)
+    mon.update(y)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+
+
+# --------------------------------------------------------------------- distributed
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_epochs(model, mon, batches, shard=None):
+    out = []
+    for _ in range(2):
+        for i, (xb, yb) in enumerate(batches):
+            if shard is not None and i % shard[1] != shard[0]:
+                continue
+            with torch.no_grad():
+                model(xb)
+            mon.update(yb)
+        out.append(mon.compute())
+    return out
+
+
+def _ddp_worker(rank, world, port, state, x, y, out):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _mlp().double()
+        model.load_state_dict(state)
+        model = torch.nn.parallel.DistributedDataParallel(model.eval())
+        mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+        results = _run_epochs(model, mon, _batches(x, y, 20), shard=(rank, world))
+        shard = [b for i, b in enumerate(_batches(x, y, 30)) if i % world == rank]
+        results.append(mon.evaluate(shard))
+        torch.save([r.to_dict() for r in results], os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_close_results(a: MonitorResult, b: MonitorResult):
+    assert a.phase == b.phase and a.epoch == b.epoch
+    for name in a.layers:
+        da, db = a[name].to_dict(), b[name].to_dict()
+        for key, value in da.items():
+            assert (value is None) == (db[key] is None), (name, key)
+            if value is not None:
+                assert db[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
+def test_gloo_two_processes_match_one(tmp_path):
+    x, y = _data(n=250, noise=1.5)
+    y[y == 4] = 3  # class 4 absent
+    x, model = x.double(), _mlp().double().eval()  # float64: the merge order changes nothing but rounding
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"])
+    single = _run_epochs(model, mon, _batches(x, y, 20))
+    single.append(mon.evaluate(_batches(x, y, 30)))
+    state = model.state_dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), state, x, y, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = [MonitorResult.from_dict(d) for d in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)]
+        assert len(got) == 3
+        for a, b in zip(single, got):
+            _assert_close_results(a, b)
+        assert got[1][PENULTIMATE].ncc_accuracy is not None
+        assert got[0][PENULTIMATE].absent_classes == [4]
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and a CUDA build")
+def test_cuda_training_loop_never_synchronises():
+    x, y = _data(n=512)
+    x, y = x.cuda(), y.cuda()
+    model = _mlp().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # buffer_bytes=0: every batch is reduced (at the next capture) inside the checked loop
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=0)
+    for _ in range(2):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for xb, yb in _batches(x, y, 64):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(xb)
+                mon.update(yb)
+                loss = F.cross_entropy(out.float(), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        result = mon.compute()
+    assert result[PENULTIMATE].num_samples == 512
+    assert result[PENULTIMATE].ncc_accuracy is not None
+
+
+def test_without_within_cov_nc1_is_undefined_but_the_rest_is_there():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], within_cov=False)
+    auto = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], max_cov_dim=30)
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    auto.update(y)
+    m = mon.compute()[PENULTIMATE]
+    assert m.nc1 is None and m.undefined["nc1"]
+    assert m.nc1_cdnv is not None and m.self_duality is not None
+    r = auto.compute()
+    assert r["block1"].nc1 is None and r[PENULTIMATE].nc1 is not None  # d = 32 > 30, d = 24 <= 30
+    assert r.separation_law is None and "separation_law" in r.notes
+
+
+def test_deferred_check_raises_at_compute():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, check="deferred")
+    with torch.no_grad():
+        model(x)
+    mon.update(y + 1)  # label 5 is out of range: not checked per batch
+    with pytest.raises(ValueError, match="batch\\(es\\) were dropped"):
+        mon.compute()
+
+
+def test_train_ncc_off_leaves_nc4_to_evaluate():
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, train_ncc=False)
+    for _ in range(2):
+        with torch.no_grad():
+            model(x)
+        mon.update(y)
+        m = mon.compute()[PENULTIMATE]
+    assert m.ncc_accuracy is None and "train_ncc=False" in m.undefined["ncc_accuracy"]
+    assert mon.evaluate([(x, y)])[PENULTIMATE].ncc_accuracy is not None
