@@ -27,9 +27,10 @@ test: build
 
 demo: build
 	$(PY) -m collapse_ext.cli demo
+	$(PY) -m collapse_ext.cli lpm-sweep --plot minority_collapse.png
 
 bench: build
-	PYTHONPATH=. $(PY) benchmarks/bench_class_stats.py
+	cd benchmarks && for b in bench_*.py; do PYTHONPATH=.. ../$(PY) $$b || exit 1; done
 
 lint: $(DEPS)
 	$(PY) -m ruff check collapse_ext tests benchmarks setup.py

@@ -1,7 +1,8 @@
 """Command line: ``python -m collapse_ext.cli <command>`` or ``collapse-ext <command>``.
 
 Commands:
-    demo    train the digits MLP with a CollapseMonitor and print neural collapse as it happens
+    demo       train the digits MLP with a CollapseMonitor and print neural collapse as it happens
+    lpm-sweep  solve the Layer-Peeled Model over imbalance ratios: Minority Collapse, its threshold, a plot
 
 Each command is a ``_add_<name>(subparsers)`` function that registers its parser and sets
 ``func``; :func:`main` dispatches.
@@ -131,12 +132,94 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratios(text: str) -> tuple[float, float, int]:
+    try:
+        lo, hi, points = text.split(":")
+        parsed = float(lo), float(hi), int(points)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected LO:HI:POINTS such as 1:1e4:41, got {text!r}") from err
+    if not (0 < parsed[0] <= parsed[1]) or parsed[2] < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI and POINTS >= 1, got {text!r}")
+    return parsed
+
+
+def _add_lpm_sweep(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lpm-sweep",
+        help="Minority Collapse in the Layer-Peeled Model over imbalance ratios (Fang et al. 2021)",
+        description=(
+            "Solve the class-collapsed Layer-Peeled Model (cross-entropy) for K_A majority classes of n_A samples "
+            "and K - K_A minority classes of n_B, for every ratio R = n_A / n_B in one batch, and print the "
+            "minority / majority classifier cosines and norms; optionally estimate the threshold R_0 past which "
+            "the minority classifiers collapse, and plot the sweep."
+        ),
+    )
+    p.add_argument("--K", type=_positive, default=10, help="number of classes (default 10)")
+    p.add_argument("--K-A", dest="K_A", type=_positive, default=5, help="number of majority classes (default 5)")
+    p.add_argument("--E-W", dest="E_W", type=float, default=1.0, help="classifier energy E_W (default 1)")
+    p.add_argument("--E-H", dest="E_H", type=float, default=5.0, help="feature energy E_H (default 5)")
+    p.add_argument(
+        "--ratios", type=_ratios, default=(1.0, 1e4, 41), help="log-spaced ratios LO:HI:POINTS (default 1:1e4:41)"
+    )
+    p.add_argument("--loss", choices=["ce", "mse"], default="ce")
+    p.add_argument("--oversample", action="store_true", help="oversample the minority by w_r = R (restores the ETF)")
+    p.add_argument("--no-threshold", dest="threshold", action="store_false", help="skip the R_0 estimate")
+    p.add_argument("--tol", type=float, default=1e-8, help="projected-gradient norm to stop at (default 1e-8)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plot", metavar="PATH", help="save the plot of cosines and norms against R (png, pdf, svg)")
+    p.add_argument("--json", metavar="PATH", help="write the table (and threshold) as JSON")
+    p.set_defaults(func=_lpm_sweep)
+
+
+def _lpm_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .lpm import minority_collapse_sweep
+
+    lo, hi, points = args.ratios
+    ratios = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), points, dtype=torch.float64)
+    start = time.perf_counter()
+    sweep = minority_collapse_sweep(
+        args.K,
+        args.K_A,
+        ratios,
+        args.E_W,
+        args.E_H,
+        oversample=args.oversample,
+        threshold=args.threshold,
+        loss=args.loss,
+        tol=args.tol,
+        device=args.device,
+    )
+    print(
+        f"Layer-Peeled Model, K={args.K}, K_A={args.K_A}, E_W={args.E_W}, E_H={args.E_H}, loss {args.loss}"
+        f"{', minority oversampled by R' if args.oversample else ''}: {int(sweep.converged.sum())}/{points} converged"
+        f" in {time.perf_counter() - start:.1f} s"
+    )
+    print(sweep.to_markdown())
+    if args.threshold and sweep.threshold is None:
+        print(f"\nNo Minority Collapse up to R = {hi:g} (spread above tolerance)")
+    if args.plot:
+        from .report import plot_minority_collapse
+
+        plot_minority_collapse(sweep, args.plot)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": sweep.rows(), "threshold": sweep.threshold}, f, indent=2)
+        print(f"table written to {args.json}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The top-level parser and its subcommand registry (add a command with
     ``subparsers.add_parser(name, ...)`` and ``set_defaults(func=...)``)."""
     parser = argparse.ArgumentParser(prog="collapse-ext", description="collapse_ext: neural-collapse tools")
     subparsers = parser.add_subparsers(dest="command", metavar="command")
     _add_demo(subparsers)
+    _add_lpm_sweep(subparsers)
     return parser, subparsers
 
 
