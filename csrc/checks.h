@@ -45,4 +45,10 @@ inline void check_means(const at::Tensor& means, const at::Tensor& features) {
   CE_CHECK_SAME_DEVICE(means, features, "means", "features");
 }
 
+// Rows may be strided (a slice of a wider tensor); columns must be unit-stride, so a
+// column-strided (e.g. transposed) input is copied once.
+inline at::Tensor unit_stride_columns(const at::Tensor& features) {
+  return features.stride(1) == 1 ? features : features.contiguous();
+}
+
 }  // namespace collapse_ext

@@ -37,8 +37,7 @@ at::Tensor within_scatter_chunked(const at::Tensor& features, const at::Tensor& 
   auto acc = at::zeros({r, r}, features.options().dtype(at::kDouble));
   if (n == 0 || d == 0 || r == 0) return acc;
 
-  // Rows may be strided (a slice of a wider tensor); columns must be unit-stride.
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
+  const at::Tensor x = unit_stride_columns(features);
   const at::Tensor y = labels.contiguous();
   const at::Tensor mu = means.to(at::kDouble).contiguous();
   const int64_t elem = compute == at::kDouble ? 8 : 4;

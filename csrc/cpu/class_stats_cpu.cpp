@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../class_stats.h"
 
 namespace collapse_ext {
 namespace {
@@ -95,25 +95,16 @@ void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cpu(const at::Tensor& features,
                                                                const at::Tensor& labels,
                                                                int64_t num_classes) {
-  check_features_labels(features, labels);
-  TORCH_CHECK(num_classes > 0, "num_classes must be a positive int, got ", num_classes);
-  // Rows may be strided (a slice of a wider tensor); columns must be unit-stride.
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const int64_t n = x.size(0), d = x.size(1);
-  auto counts = at::zeros({num_classes}, labels.options().dtype(at::kLong));
-  auto means = at::zeros({num_classes, d}, x.options().dtype(at::kDouble));
-  auto sqdev = at::zeros({num_classes}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_stats_cpu", [&] {
+  auto a = class_stats_args(features, labels, num_classes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "class_stats_cpu", [&] {
     using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "class_stats_cpu", [&] {
-      class_stats_kernel<scalar, index_t>(x.const_data_ptr<scalar>(), x.stride(0),
-                                          y.const_data_ptr<index_t>(), n, d, num_classes,
-                                          counts.data_ptr<int64_t>(), means.data_ptr<double>(),
-                                          sqdev.data_ptr<double>());
+    AT_DISPATCH_INDEX_TYPES(a.y.scalar_type(), "class_stats_cpu", [&] {
+      class_stats_kernel<scalar, index_t>(a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<index_t>(),
+                                          a.n, a.d, num_classes, a.counts.data_ptr<int64_t>(),
+                                          a.means.data_ptr<double>(), a.sqdev.data_ptr<double>());
     });
   });
-  return {counts, means, sqdev};
+  return {a.counts, a.means, a.sqdev};
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <tuple>
 
-#include "../checks.h"
+#include "../class_stats.h"
 #include "reduce.cuh"
 
 namespace collapse_ext {
@@ -107,15 +107,11 @@ __global__ void class_sqdev_kernel(const scalar_t* __restrict__ x, int64_t row_s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cuda(const at::Tensor& features,
                                                                 const at::Tensor& labels,
                                                                 int64_t num_classes) {
-  check_features_labels(features, labels);
-  TORCH_CHECK(num_classes > 0, "num_classes must be a positive int, got ", num_classes);
   const c10::cuda::CUDAGuard guard(features.device());
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const int64_t n = x.size(0), d = x.size(1);
-  auto counts = at::zeros({num_classes}, labels.options().dtype(at::kLong));
-  auto means = at::zeros({num_classes, d}, x.options().dtype(at::kDouble));
-  auto sqdev = at::zeros({num_classes}, x.options().dtype(at::kDouble));
+  auto a = class_stats_args(features, labels, num_classes);
+  const at::Tensor &x = a.x, &y = a.y;
+  at::Tensor &counts = a.counts, &means = a.means, &sqdev = a.sqdev;
+  const int64_t n = a.n, d = a.d;
   if (n == 0) return {counts, means, sqdev};
 
   const auto stream = at::cuda::getCurrentCUDAStream();
