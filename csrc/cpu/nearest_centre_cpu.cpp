@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -120,15 +121,18 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cpu(const at::Tensor& features
   // buffers. Per-chunk counts are summed at the end.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_memory = kChunkBytes / (elem * std::max(cols, d));
-  const int64_t chunk = std::min(n, std::max<int64_t>(16, std::min(by_memory, (n + threads - 1) / threads)));
+  const int64_t chunk = std::min(n, std::max<int64_t>(16, std::min(by_memory, (n + 4 * threads - 1) / (4 * threads))));
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<int64_t> chunk_counts(3 * chunks, 0);
   int64_t* out_assigned = assignments ? assigned.data_ptr<int64_t>() : nullptr;
 
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  // Threads take the next chunk from a counter (dynamic scheduling): on a shared machine
+  // a static split leaves the op waiting for whichever thread lost its core.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
     auto shifted = at::empty({chunk, d}, x.options().dtype(compute));
     auto products = at::empty({chunk, cols}, x.options().dtype(compute));
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = next++; c < chunks; c = next++) {
       const int64_t start = c * chunk, rows = std::min(chunk, n - start);
       at::Tensor h = shifted.narrow(0, 0, rows), s = products.narrow(0, 0, rows);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nearest_centre_cpu", [&] {

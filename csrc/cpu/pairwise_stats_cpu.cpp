@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -105,9 +106,13 @@ at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Te
   for (int64_t bi = 0; bi < tiles; ++bi)
     for (int64_t bj = bi; bj < tiles; ++bj) jobs.emplace_back(bi * tile, bj * tile);
   std::vector<double> job_acc(jobs.size() * kNumFields);
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t b0, int64_t b1) {
+  // Threads take the next tile pair from a counter (dynamic scheduling): on a shared
+  // machine a static split leaves the op waiting for whichever thread lost its core.
+  std::atomic<int64_t> next{0};
+  const int64_t num_jobs = static_cast<int64_t>(jobs.size());
+  at::parallel_for(0, std::min(threads, num_jobs), 1, [&](int64_t, int64_t) {
     auto gram = at::empty({tile * tile}, a.options());
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next++; b < num_jobs; b = next++) {
       const int64_t i0 = jobs[b].first, j0 = jobs[b].second;
       const int64_t ti = std::min(tile, m - i0), tj = std::min(tile, m - j0);
       at::Tensor g = gram.narrow(0, 0, ti * tj).view({ti, tj});
