@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "checks.h"
 
@@ -142,6 +143,21 @@ inline void check_pairwise_inputs(const at::Tensor& rows, const std::optional<at
   }
   TORCH_CHECK(std::isfinite(riesz_s) && riesz_s > 0, "riesz_s must be a positive finite number, got ", riesz_s);
   TORCH_CHECK(std::isfinite(cdnv_p) && cdnv_p > 0, "cdnv_p must be a positive finite number, got ", cdnv_p);
+}
+
+// The rows the kernel reduces over (the subset, if any) in the product dtype, and their
+// variances in float64: fp16/bf16/fp32 rows are multiplied in fp32, fp64 in fp64;
+// everything after the Gram entry (norms, cosines, kernels, sums) is float64.
+inline std::pair<at::Tensor, at::Tensor> pairwise_rows(const at::Tensor& rows, const std::optional<at::Tensor>& variances,
+                                                       const std::optional<at::Tensor>& subset) {
+  const auto compute = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor a = rows, v = variances.has_value() ? variances->to(at::kDouble) : at::Tensor();
+  if (subset.has_value()) {
+    const at::Tensor index = subset->to(at::kLong);
+    a = a.index_select(0, index);
+    if (v.defined()) v = v.index_select(0, index);
+  }
+  return {a.to(compute).contiguous(), v.defined() ? v.contiguous() : v};
 }
 
 }  // namespace collapse_ext

@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cpu(const at::Tensor& features
   const at::Tensor neg_shift_t = setup.shift.defined() ? setup.shift.neg() : at::Tensor();
   const double* neg_shift = neg_shift_t.defined() ? neg_shift_t.const_data_ptr<double>() : nullptr;
 
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
+  const at::Tensor x = unit_stride_columns(features);
   const at::Tensor y = labels.contiguous();
   const int64_t elem = compute == at::kDouble ? 8 : 4;
   const int64_t cols = setup.stacked.size(0);  // K, or 2K with the classifier

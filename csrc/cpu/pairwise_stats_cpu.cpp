@@ -58,17 +58,9 @@ void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int6
 at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Tensor>& variances,
                               const std::optional<at::Tensor>& subset, double riesz_s, double cdnv_p) {
   check_pairwise_inputs(rows, variances, subset, riesz_s, cdnv_p);
-  // fp16/bf16/fp32 rows are multiplied in fp32, fp64 in fp64; everything after the
-  // Gram entry (norms, cosines, kernels, sums) is float64.
-  const auto compute = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor a = rows, v = variances.has_value() ? variances->to(at::kDouble) : at::Tensor();
-  if (subset.has_value()) {
-    const at::Tensor index = subset->to(at::kLong);
-    a = a.index_select(0, index);
-    if (v.defined()) v = v.index_select(0, index);
-  }
-  a = a.to(compute).contiguous();
-  if (v.defined()) v = v.contiguous();
+  const auto selected = pairwise_rows(rows, variances, subset);
+  const at::Tensor &a = selected.first, &v = selected.second;
+  const auto compute = a.scalar_type();
   const int64_t m = a.size(0);
   auto out = at::empty({kNumFields}, rows.options().dtype(at::kDouble));
   double* result = out.data_ptr<double>();

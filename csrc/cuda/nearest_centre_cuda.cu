@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cuda(const at::Tensor& feature
   if (n == 0 || k == 0) return {counts, assigned};
 
   const NearestCentreSetup setup = nearest_centre_setup(means, weight, bias, present, compute);
-  const at::Tensor x = features.stride(1) == 1 ? features : features.contiguous();
+  const at::Tensor x = unit_stride_columns(features);
   const at::Tensor y = labels.contiguous();
   const int64_t elem = compute == at::kDouble ? 8 : 4;
   const int64_t cols = setup.stacked.size(0);  // K, or 2K with the classifier

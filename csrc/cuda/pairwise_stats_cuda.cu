@@ -123,15 +123,9 @@ at::Tensor pairwise_stats_cuda(const at::Tensor& rows, const std::optional<at::T
                                const std::optional<at::Tensor>& subset, double riesz_s, double cdnv_p) {
   check_pairwise_inputs(rows, variances, subset, riesz_s, cdnv_p);
   const c10::cuda::CUDAGuard guard(rows.device());
-  const auto compute = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor a = rows, v = variances.has_value() ? variances->to(at::kDouble) : at::Tensor();
-  if (subset.has_value()) {
-    const at::Tensor index = subset->to(at::kLong);
-    a = a.index_select(0, index);
-    if (v.defined()) v = v.index_select(0, index);
-  }
-  a = a.to(compute).contiguous();
-  if (v.defined()) v = v.contiguous();
+  const auto selected = pairwise_rows(rows, variances, subset);
+  const at::Tensor &a = selected.first, &v = selected.second;
+  const auto compute = a.scalar_type();
   const int64_t m = a.size(0);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
