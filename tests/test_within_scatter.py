@@ -88,3 +88,13 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.collapse_ext.within_scatter.default, (x, y, means, torch.randn(5, 2, device=device))
     )
+
+
+def test_long_batches_stay_exact_across_fp32_accumulation(device):
+    # 40 000 x 256 fp32: 5 chunks of 8192 rows, products summed in fp32 up to 32 768 rows
+    # before each float64 flush; collapsed features with an offset must still be exact.
+    x, y = collapsed_features(40_000, 256, 10, 1e-4, offset=1e3)
+    x, y = x.to(device), y.to(device)
+    _, means, _ = class_stats(x, y, 10)
+    expected = within_scatter_reference(x.cpu(), y.cpu(), class_stats_reference(x.cpu(), y.cpu(), 10)[1])
+    assert rel_err(within_scatter(x, y, means), expected) <= 1e-6

@@ -17,8 +17,14 @@
 namespace collapse_ext {
 namespace {
 
-// Column blocks are the unit of parallel work: each thread owns whole columns of the
-// (K, d) sums, so no thread-local (K, d) copies and no atomics are needed.
+// Pass 1 gives each thread a contiguous range of rows and a float64 (K, d) partial of the
+// sums when those partials are small (kPartialBytes), so every thread streams memory;
+// otherwise each thread owns a block of columns of the sums and reads those columns of
+// every row (no (K, d) copies). Measured at N=20000, d=512, K=10 on 2 cores: column
+// blocks ran slower on 2 threads than on 1; row ranges scale.
+constexpr int64_t kPartialBytes = 32 << 20;
+constexpr int64_t kMinChunkRows = 1024;
+
 int64_t column_block(int64_t d) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return std::max<int64_t>(64, (d + threads - 1) / threads);
@@ -54,42 +60,59 @@ void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y,
     const int64_t k = static_cast<int64_t>(y[i]);
     if (k >= 0 && k < num_classes) ++counts[k];
   }
-  const int64_t block = column_block(d);
-  const int64_t num_blocks = (d + block - 1) / block;
-
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t j0 = b0 * block, j1 = std::min(d, b1 * block);
-    for (int64_t i = 0; i < n; ++i) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads, n / kMinChunkRows));
+  const int64_t chunk_rows = (n + chunks - 1) / chunks;
+  auto add_rows = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, double* sums) {
+    for (int64_t i = i0; i < i1; ++i) {
       const int64_t k = static_cast<int64_t>(y[i]);
       if (k < 0 || k >= num_classes) continue;
       const scalar_t* row = x + i * row_stride;
-      double* sum = means + k * d;
+      double* sum = sums + k * d;
       for (int64_t j = j0; j < j1; ++j) sum[j] += static_cast<double>(row[j]);
     }
-    for (int64_t k = 0; k < num_classes; ++k) {
+  };
+  const int64_t kd = num_classes * d;
+  if (chunks > 1 && chunks * kd * static_cast<int64_t>(sizeof(double)) <= kPartialBytes) {
+    std::vector<double> partial((chunks - 1) * kd, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        add_rows(c * chunk_rows, std::min(n, (c + 1) * chunk_rows), 0, d,
+                 c == 0 ? means : partial.data() + (c - 1) * kd);
+    });
+    for (int64_t c = 1; c < chunks; ++c) {
+      const double* p = partial.data() + (c - 1) * kd;
+      for (int64_t e = 0; e < kd; ++e) means[e] += p[e];
+    }
+  } else {
+    const int64_t block = column_block(d);
+    at::parallel_for(0, (d + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      add_rows(0, n, b0 * block, std::min(d, b1 * block), means);
+    });
+  }
+  at::parallel_for(0, num_classes, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
       if (counts[k] == 0) continue;
       const double count = static_cast<double>(counts[k]);
-      double* mean = means + k * d;
-      for (int64_t j = j0; j < j1; ++j) mean[j] /= count;
+      for (int64_t j = 0; j < d; ++j) means[k * d + j] /= count;
     }
   });
 
-  std::vector<double> partial(num_blocks * num_classes, 0.0);
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j0 = b * block, j1 = std::min(d, j0 + block);
-      double* acc = partial.data() + b * num_classes;
-      for (int64_t i = 0; i < n; ++i) {
+  // Pass 2: row ranges again, each with its own (K,) sums, folded in a fixed order.
+  std::vector<double> partial(chunks * num_classes, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<double> acc(num_classes, 0.0);
+      for (int64_t i = c * chunk_rows, i1 = std::min(n, (c + 1) * chunk_rows); i < i1; ++i) {
         const int64_t k = static_cast<int64_t>(y[i]);
         if (k < 0 || k >= num_classes) continue;
-        const scalar_t* row = x + i * row_stride;
-        const double* mean = means + k * d;
-        acc[k] += squared_distance(row, mean, j0, j1);
+        acc[k] += squared_distance(x + i * row_stride, means + k * d, 0, d);
       }
+      std::copy(acc.begin(), acc.end(), partial.begin() + c * num_classes);
     }
   });
-  for (int64_t b = 0; b < num_blocks; ++b)
-    for (int64_t k = 0; k < num_classes; ++k) sqdev[k] += partial[b * num_classes + k];
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t k = 0; k < num_classes; ++k) sqdev[k] += partial[c * num_classes + k];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cpu(const at::Tensor& features,
