@@ -21,6 +21,7 @@ import platform
 import time
 
 import torch
+from common import sync
 
 from collapse_ext import lpm
 
@@ -33,18 +34,13 @@ def _counts(ratios: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(name, ratios, backend, args, device):
     kwargs = dict(dim=P, tol=args.tol, max_iter=args.max_iter, chunk=args.chunk, device=device, dtype=args.dtype)
     lpm.solve(_counts(ratios[:8]), E_W, E_H, backend=backend, **{**kwargs, "max_iter": args.chunk})  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     res = lpm.solve(_counts(ratios), E_W, E_H, backend=backend, **kwargs)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return res, seconds
 

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from common import sync
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
 PAIRWISE = [(1000, 768), (10_000, 768), (50_000, 768)]
@@ -54,11 +55,6 @@ def peak_rss_bytes(reset: bool) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_pairwise(rows: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:

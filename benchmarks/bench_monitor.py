@@ -33,6 +33,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from common import sync  # noqa: E402
+
 from collapse_ext import CollapseMonitor  # noqa: E402
 from collapse_ext.data import make_mlp  # noqa: E402
 
@@ -101,11 +103,6 @@ def step(model, x, y, opt, monitor, amp: bool) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
