@@ -180,7 +180,7 @@ def test_deferred_check_drops_bad_batches_without_sync():
     stats.update(torch.full((2, 2), float("nan")), torch.tensor([0, 1]))
     stats.update(torch.ones(2, 2), torch.tensor([0, 7]))
     _assert_unchanged(stats, before)
-    with pytest.raises(ValueError, match=r"2 batch\(es\) were dropped"):
+    with pytest.raises(ValueError, match=r"2 batch\(es\) were dropped \(4 rows\)"):
         stats.within_cov()
 
 
