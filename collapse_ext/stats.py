@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from ._validate import choice, float_dtype, positive_int, tensor
 from ._ops import check_backend
+from ._validate import choice, float_dtype, positive_int, tensor
 
 __all__ = ["ClassStats"]
 
@@ -565,4 +565,3 @@ def _checked_state(state: Any, k: int, d: int, within_cov: bool) -> tuple:
     if rejected.numel() == 1:  # states saved before rows were counted
         rejected = torch.cat([rejected, torch.zeros(1, dtype=torch.int64)])
     return counts, state["means"], state["sqdev"], state.get("scatter") if within_cov else None, rejected, mode
-
