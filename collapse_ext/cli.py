@@ -6,14 +6,26 @@ Commands:
 
 Each command is a ``_add_<name>(subparsers)`` function that registers its parser and sets
 ``func``; :func:`main` dispatches.
+
+Bad input never reaches the work: each option's ``type=`` converter checks its own value
+(output paths included: existing writable directory, supported extension), each command's
+``_check_<name>`` the combinations, and :func:`main` turns the library's ``ValueError`` /
+``TypeError`` about a value the user gave into the same one-line error. Every error is one
+line on stderr, ``<prog>: error: <option>: <what is expected>``, with exit status 2;
+Ctrl-C exits with 130. Output files are written to a temporary file in the target
+directory and moved into place only when the command succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["build_parser", "main"]
 
@@ -23,12 +35,135 @@ _VARIANTS = {
     "imbalanced": dict(imbalanced=True, label_smoothing=0.0),
 }
 
+_PLOT_FORMATS = (".png", ".pdf", ".svg")
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``<prog>: error: <option>: <message>``, exit status 2
+    (argparse's default prints the usage too, and prefixes the option with "argument ")."""
+
+    def error(self, message: str) -> None:
+        message = " ".join(str(message).split())
+        if message.startswith("argument "):
+            message = message[len("argument ") :]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _shown(text: str) -> str:
+    return text if text and text.strip() == text else repr(text)
+
+
+def _int_at_least(
+    low: int, high: int | None = None, why: str = "", high_text: str | None = None
+) -> Callable[[str], int]:
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high_text or high}]"
+    expected += f" ({why})" if why else ""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(text)}")
+        return value
+
+    return convert
+
+
+def _finite_float(*, allow_zero: bool = False) -> Callable[[str], float]:
+    expected = "a non-negative finite number" if allow_zero else "a positive finite number"
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(text)}")
+        return value
+
+    return convert
+
+
+def _output_path(extensions: Sequence[str] = ()) -> Callable[[str], str]:
+    """A file path to write: in an existing writable directory, not an existing directory or
+    special file, with one of ``extensions`` (any when empty). Checked by creating and
+    removing a probe file, since permission bits do not tell root or read-only mounts."""
+
+    def convert(text: str) -> str:
+        if not text or text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"expected a file path, got {_shown(text)}")
+        if extensions and os.path.splitext(text)[1].lower() not in extensions:
+            raise argparse.ArgumentTypeError(f"expected a path ending in {', '.join(extensions)}, got {_shown(text)}")
+        real = os.path.realpath(text)
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise argparse.ArgumentTypeError(f"expected a path in an existing directory, got {_shown(text)}")
+        if os.path.exists(real) and not os.path.isfile(real):
+            raise argparse.ArgumentTypeError(f"expected a regular file path, got {_shown(text)} (not a regular file)")
+        probe = os.path.join(parent, f".collapse-ext-probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected a path in a writable directory, got {_shown(text)} ({err.strerror})"
+            ) from None
+        return text
+
+    return convert
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+class _Outputs:
+    """Files written atomically: the work writes ``tmp(path)``; ``commit()`` moves every
+    temporary file onto its path (``os.replace``), ``discard()`` removes what is left."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, str] = {}
+
+    def tmp(self, path: str) -> str:
+        real = os.path.realpath(path)
+        tmp = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.{os.getpid()}.tmp")
+        self.pending[real] = tmp
+        return tmp
+
+    def commit(self) -> None:
+        for real, tmp in self.pending.items():
+            if os.path.exists(tmp):
+                os.replace(tmp, real)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        for tmp in self.pending.values():
+            for leftover in (tmp, tmp + ".tmp"):  # CSVLogger writes <path>.tmp first
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        self.pending.clear()
+
+
+class _OptionError(Exception):
+    """A value the user gave, found bad during the work: reported as ``<option>: <message>``."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+
+
+def _option_of(err: Exception, options: dict[str, str]) -> str | None:
+    """The option behind a library error "Expected `name` ...", when ``name`` is one of the
+    library arguments the command fills from an option; None otherwise (an internal bug)."""
+    match = re.search(r"`(\w+)`", str(err))
+    return options.get(match.group(1)) if match else None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -44,18 +179,30 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--variant", choices=["balanced", "imbalanced", "both"], default="both")
-    p.add_argument("--epochs", type=_positive, default=100, help="training epochs per variant (default 100)")
-    p.add_argument("--print-every", type=_positive, default=10, help="epochs between printed lines (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jsonl", metavar="PATH", help="write every monitor result as JSON lines (one file, appended)")
-    p.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
+    p.add_argument("--epochs", type=_int_at_least(1), default=100, help="training epochs per variant (default 100)")
+    p.add_argument("--print-every", type=_int_at_least(1), default=10, help="epochs between printed lines (default 10)")
+    p.add_argument("--seed", type=_int_at_least(0, 2**63 - 1, high_text="2**63 - 1"), default=0)
+    p.add_argument(
+        "--jsonl",
+        metavar="PATH",
+        type=_output_path(),
+        help="write every monitor result as JSON lines (replaced when the run ends)",
+    )
+    p.add_argument("--csv", metavar="PATH", type=_output_path(), help="also write the results as CSV")
     p.add_argument(
         "--threads",
-        type=_positive,
+        type=_int_at_least(1, 1024),
         default=1,
         help="torch CPU threads (default 1: the MLP is small, and one thread is fastest on a busy machine)",
     )
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, check=_check_demo, library_options={"epochs": "--epochs", "seed": "--seed"})
+
+
+def _check_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if _same_file(args.jsonl, args.csv):
+        parser.error(f"--csv: expected a different path from --jsonl, got {_shown(args.csv)} for both")
+    if importlib.util.find_spec("sklearn") is None:
+        parser.error("needs scikit-learn for the digits data: pip install scikit-learn")
 
 
 def _majority_cosine(weight, minority: list[int]) -> float:
@@ -69,6 +216,20 @@ def _majority_cosine(weight, minority: list[int]) -> float:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    outputs = _Outputs()
+    try:
+        status = _demo_run(args, outputs)
+        outputs.commit()
+    finally:
+        outputs.discard()
+    if args.jsonl:
+        print(f"history written to {args.jsonl} (read back with collapse_ext.loggers.read_jsonl)")
+    if args.csv:
+        print(f"history written to {args.csv}")
+    return status
+
+
+def _demo_run(args: argparse.Namespace, outputs: _Outputs) -> int:
     import torch
 
     from .data import train_digits
@@ -78,10 +239,9 @@ def _demo(args: argparse.Namespace) -> int:
     variants = ["balanced", "imbalanced"] if args.variant == "both" else [args.variant]
     loggers = []
     if args.jsonl:
-        loggers.append(JSONLinesLogger(args.jsonl, overwrite=True))
-    csv_logger = CSVLogger(args.csv) if args.csv else None
-    if csv_logger is not None:
-        loggers.append(csv_logger)
+        loggers.append(JSONLinesLogger(outputs.tmp(args.jsonl), overwrite=True))
+    if args.csv:
+        loggers.append(CSVLogger(outputs.tmp(args.csv)))
     start_all = time.perf_counter()
     for variant in variants:
         recipe = _VARIANTS[variant]
@@ -124,23 +284,55 @@ def _demo(args: argparse.Namespace) -> int:
                 f"majority rows {_majority_cosine(w, m.minority_classes):+.3f} (simplex ETF: {-1 / 9:+.3f})"
             )
         print(f"{variant}: {time.perf_counter() - start:.1f} s\n", flush=True)
-    if args.jsonl:
-        print(f"history written to {args.jsonl} (read back with collapse_ext.loggers.read_jsonl)")
-    if args.csv:
-        print(f"history written to {args.csv}")
     print(f"total {time.perf_counter() - start_all:.1f} s")
     return 0
 
 
 def _ratios(text: str) -> tuple[float, float, int]:
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected LO:HI:POINTS such as 1:1e4:41, got {_shown(text)}")
     try:
-        lo, hi, points = text.split(":")
-        parsed = float(lo), float(hi), int(points)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected LO:HI:POINTS such as 1:1e4:41, got {text!r}") from err
-    if not (0 < parsed[0] <= parsed[1]) or parsed[2] < 1:
-        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI and POINTS >= 1, got {text!r}")
-    return parsed
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise argparse.ArgumentTypeError(f"expected LO:HI:POINTS with finite 0 < LO <= HI, got {_shown(text)}")
+    try:
+        points = int(parts[2])
+    except ValueError:
+        points = 0
+    if points < 1:
+        raise argparse.ArgumentTypeError(f"expected LO:HI:POINTS with an int POINTS >= 1, got {_shown(text)}")
+    if (points == 1) != (lo == hi):
+        raise argparse.ArgumentTypeError(
+            f"expected LO:HI:POINTS with POINTS = 1 exactly when LO = HI, got {_shown(text)}"
+        )
+    return lo, hi, points
+
+
+def _device(text: str) -> str:
+    import torch
+
+    from ._ops import cuda_compiled
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:INDEX, got {_shown(text)}")
+    if device.type == "cuda":
+        if not cuda_compiled():
+            raise argparse.ArgumentTypeError(f"expected cpu (collapse_ext was built without CUDA), got {_shown(text)}")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"expected cpu (no CUDA device is available), got {_shown(text)}")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"expected cpu or cuda:INDEX with INDEX < {count} (the CUDA devices here), got {_shown(text)}"
+            )
+    return str(device)
 
 
 def _add_lpm_sweep(subparsers: argparse._SubParsersAction) -> None:
@@ -154,45 +346,99 @@ def _add_lpm_sweep(subparsers: argparse._SubParsersAction) -> None:
             "the minority classifiers collapse, and plot the sweep."
         ),
     )
-    p.add_argument("--K", type=_positive, default=10, help="number of classes (default 10)")
-    p.add_argument("--K-A", dest="K_A", type=_positive, default=5, help="number of majority classes (default 5)")
-    p.add_argument("--E-W", dest="E_W", type=float, default=1.0, help="classifier energy E_W (default 1)")
-    p.add_argument("--E-H", dest="E_H", type=float, default=5.0, help="feature energy E_H (default 5)")
     p.add_argument(
-        "--ratios", type=_ratios, default=(1.0, 1e4, 41), help="log-spaced ratios LO:HI:POINTS (default 1:1e4:41)"
+        "--K",
+        type=_int_at_least(3, why="one majority and two minority classes at least"),
+        default=10,
+        help="number of classes (default 10)",
+    )
+    p.add_argument(
+        "--K-A", dest="K_A", type=_int_at_least(1), default=5, help="number of majority classes, <= K - 2 (default 5)"
+    )
+    p.add_argument("--E-W", dest="E_W", type=_finite_float(), default=1.0, help="classifier energy E_W (default 1)")
+    p.add_argument("--E-H", dest="E_H", type=_finite_float(), default=5.0, help="feature energy E_H (default 5)")
+    p.add_argument(
+        "--ratios",
+        type=_ratios,
+        default=(1.0, 1e4, 41),
+        help="log-spaced ratios LO:HI:POINTS, 0 < LO <= HI, POINTS = 1 exactly when LO = HI (default 1:1e4:41)",
     )
     p.add_argument("--loss", choices=["ce", "mse"], default="ce")
     p.add_argument("--oversample", action="store_true", help="oversample the minority by w_r = R (restores the ETF)")
     p.add_argument("--no-threshold", dest="threshold", action="store_false", help="skip the R_0 estimate")
-    p.add_argument("--tol", type=float, default=1e-8, help="projected-gradient norm to stop at (default 1e-8)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--plot", metavar="PATH", help="save the plot of cosines and norms against R (png, pdf, svg)")
-    p.add_argument("--json", metavar="PATH", help="write the table (and threshold) as JSON")
-    p.set_defaults(func=_lpm_sweep)
+    p.add_argument(
+        "--tol",
+        type=_finite_float(allow_zero=True),
+        default=1e-8,
+        help="projected-gradient norm to stop at (default 1e-8)",
+    )
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:INDEX (default cpu)")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=_output_path(_PLOT_FORMATS),
+        help="save the plot of cosines and norms against R (png, pdf, svg; needs matplotlib)",
+    )
+    p.add_argument("--json", metavar="PATH", type=_output_path(), help="write the table (and threshold) as JSON")
+    p.set_defaults(
+        func=_lpm_sweep,
+        check=_check_lpm_sweep,
+        library_options={
+            "K": "--K",
+            "K_A": "--K-A",
+            "E_W": "--E-W",
+            "E_H": "--E-H",
+            "ratios": "--ratios",
+            "lo": "--ratios",
+            "hi": "--ratios",
+            "loss": "--loss",
+            "tol": "--tol",
+        },
+    )
+
+
+def _check_lpm_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.K_A > args.K - 2:
+        parser.error(
+            f"--K-A: expected an int in [1, K - 2] = [1, {args.K - 2}] (at least two minority classes), got {args.K_A}"
+        )
+    lo, hi, points = args.ratios
+    if args.threshold and lo == hi:
+        parser.error(f"--ratios: expected LO < HI for the R_0 estimate (or --no-threshold), got {lo:g}:{hi:g}:{points}")
+    if _same_file(args.plot, args.json):
+        parser.error(f"--json: expected a different path from --plot, got {_shown(args.json)} for both")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot: needs matplotlib: pip install matplotlib (or collapse_ext[plot])")
 
 
 def _lpm_sweep(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from .lpm import minority_collapse_sweep
 
     lo, hi, points = args.ratios
-    ratios = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), points, dtype=torch.float64)
     start = time.perf_counter()
-    sweep = minority_collapse_sweep(
-        args.K,
-        args.K_A,
-        ratios,
-        args.E_W,
-        args.E_H,
-        oversample=args.oversample,
-        threshold=args.threshold,
-        loss=args.loss,
-        tol=args.tol,
-        device=args.device,
-    )
+    try:
+        ratios = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64)
+        ratios[0], ratios[-1] = lo, hi  # exact ends, not 10 ** log10(x)
+        sweep = minority_collapse_sweep(
+            args.K,
+            args.K_A,
+            ratios,
+            args.E_W,
+            args.E_H,
+            oversample=args.oversample,
+            threshold=args.threshold,
+            loss=args.loss,
+            tol=args.tol,
+            device=args.device,
+        )
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        raise _OptionError(
+            "--K/--ratios", f"expected a problem that fits in memory on {args.device}, got K={args.K}, POINTS={points}"
+        ) from None
     print(
         f"Layer-Peeled Model, K={args.K}, K_A={args.K_A}, E_W={args.E_W}, E_H={args.E_H}, loss {args.loss}"
         f"{', minority oversampled by R' if args.oversample else ''}: {int(sweep.converged.sum())}/{points} converged"
@@ -201,22 +447,43 @@ def _lpm_sweep(args: argparse.Namespace) -> int:
     print(sweep.to_markdown())
     if args.threshold and sweep.threshold is None:
         print(f"\nNo Minority Collapse up to R = {hi:g} (spread above tolerance)")
-    if args.plot:
-        from .report import plot_minority_collapse
+    outputs = _Outputs()
+    try:
+        if args.plot:
+            _save_plot(sweep, outputs.tmp(args.plot), os.path.splitext(args.plot)[1][1:].lower())
+        if args.json:
+            import json
 
-        plot_minority_collapse(sweep, args.plot)
+            with open(outputs.tmp(args.json), "w") as f:
+                json.dump({"rows": sweep.rows(), "threshold": sweep.threshold}, f, indent=2)
+        outputs.commit()
+    finally:
+        outputs.discard()
+    if args.plot:
         print(f"plot written to {args.plot}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": sweep.rows(), "threshold": sweep.threshold}, f, indent=2)
         print(f"table written to {args.json}")
     return 0
 
 
+def _save_plot(sweep, path: str, fmt: str) -> None:
+    from .report import plot_minority_collapse
+
+    fig = plot_minority_collapse(sweep)
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, format=fmt)
+    finally:
+        plt.close(fig)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The top-level parser and its subcommand registry (add a command with
-    ``subparsers.add_parser(name, ...)`` and ``set_defaults(func=...)``)."""
-    parser = argparse.ArgumentParser(prog="collapse-ext", description="collapse_ext: neural-collapse tools")
+    ``subparsers.add_parser(name, ...)`` and ``set_defaults(func=...)``; optionally
+    ``check=f(parser, args)`` for cross-option checks and ``library_options={argument:
+    option}`` to report the library's "Expected `argument` ..." errors as that option's)."""
+    parser = _Parser(prog="collapse-ext", description="collapse_ext: neural-collapse tools")
     subparsers = parser.add_subparsers(dest="command", metavar="command")
     _add_demo(subparsers)
     _add_lpm_sweep(subparsers)
@@ -224,13 +491,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``collapse-ext``; returns the exit status."""
-    parser, _ = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    """Entry point of ``collapse-ext``; returns the exit status (bad input: one line on
+    stderr and SystemExit(2); Ctrl-C: one line and 130)."""
+    parser, subparsers = build_parser()
+    command = parser
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        command = subparsers.choices.get(args.command, parser)
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(command, args)
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, TypeError) as err:
+            option = _option_of(err, getattr(args, "library_options", {}))
+            if option is None:
+                raise
+            command.error(f"{option}: {err}")
+        except _OptionError as err:
+            command.error(str(err))
+    except KeyboardInterrupt:
+        print(f"{command.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
