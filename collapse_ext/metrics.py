@@ -155,7 +155,10 @@ def _pairwise(
 def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values s (r,) and right singular vectors V^T (r, d) of A = diag(sqrt(w)) M~,
     so that Sigma_B = A^T A and Sigma_B^+ = V S^-2 V^T; singular values at or below
-    rtol * s_max are dropped (rank tolerance; default max(K', d) * eps)."""
+    rtol * s_max are dropped (rank tolerance; default max(K', d) * eps), and at most K' - 1
+    are kept whatever the tolerance says: the rows of M~ sum to zero under the weights of
+    mu_G, so rank(A) <= K' - 1, and a K'-th singular value is only the rounding of a common
+    offset, whose 1/s^2 term would swamp the metric (r <= min(K' - 1, d))."""
     centred = stats.centred_means()
     kp = centred.shape[0]
     if kp < 2:
@@ -169,8 +172,8 @@ def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tup
     tol = rtol if rtol is not None else max(a.shape) * _EPS64
     if s.numel() == 0 or float(s[0]) == 0.0:
         raise UndefinedMetricError("all present class means coincide (Sigma_B = 0)")
-    keep = s > tol * s[0]
-    return s[keep], vh[keep]
+    keep = s[: kp - 1] > tol * s[0]
+    return s[: kp - 1][keep], vh[: kp - 1][keep]
 
 
 def _within_projection(stats: ClassStats, vh: torch.Tensor, features: Any, labels: Any, mode: str) -> torch.Tensor:
@@ -206,7 +209,8 @@ def nc1(
     """NC1 = tr(Sigma_W Sigma_B^+) / K' (Papyan, Han & Donoho 2020), Sigma_B class-weighted.
 
     Sigma_B^+ comes from the thin SVD of the centred means M~ = U S V^T (K' x d), with
-    singular values below ``rtol * s_max`` dropped (default rtol = max(K', d) * eps):
+    singular values below ``rtol * s_max`` dropped (default rtol = max(K', d) * eps) and at
+    most K' - 1 directions used (rank M~ <= K' - 1, so NC1 is translation invariant):
     nc1 = sum_j (v_j^T Sigma_W v_j) / s_j^2, no d x d matrix is ever inverted.
     ``mode="full"`` uses the accumulated S_W; ``"projected"`` makes a second pass over
     ``features`` (N, d) / ``labels`` (N,) (tensors, or sequences of batches: the data the
