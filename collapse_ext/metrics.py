@@ -19,6 +19,7 @@ exact as the statistics.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -98,6 +99,16 @@ def _check_bias(bias: Any, num_classes: int) -> torch.Tensor:
 def _positive_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _rank_rtol(value: Any) -> float | None:
+    """None (the default tolerance) or a finite real number in [0, 1)."""
+    if value is None:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 <= value < 1:
+        raise ValueError(f"Expected `rtol` to be None or a finite number in [0, 1), got {value!r}")
     return float(value)
 
 
@@ -218,7 +229,7 @@ def nc1(
     is available when d x d does not fit (O(N d K)); ``"auto"`` picks full when S_W exists.
     """
     stats = _check_stats(stats)
-    s, vh = _between_basis(stats, "class", rtol)
+    s, vh = _between_basis(stats, "class", _rank_rtol(rtol))
     q = _within_projection(stats, vh, features, labels, mode)
     return float((q / (s * s)).sum()) / int(stats.present.sum())
 
@@ -236,7 +247,7 @@ def separation_fuzziness(
     sum_k (n_k/N)(mu_k - mu_G)(mu_k - mu_G)^T; no 1/K. Pseudo-inverse, rank tolerance and
     ``mode`` as in :func:`nc1`."""
     stats = _check_stats(stats)
-    s, vh = _between_basis(stats, "sample", rtol)
+    s, vh = _between_basis(stats, "sample", _rank_rtol(rtol))
     q = _within_projection(stats, vh, features, labels, mode)
     return float((q / (s * s)).sum())
 
@@ -724,6 +735,7 @@ def collapse_metrics(
     if ncc_counts is not None and (not isinstance(ncc_counts, torch.Tensor) or tuple(ncc_counts.shape) != (3,)):
         raise ValueError(f"Expected `ncc_counts` to be a (3,) tensor [n, ncc_correct, mismatch], got {ncc_counts!r}")
     p = _positive_float(cdnv_exponent, "cdnv_exponent")
+    rtol = _rank_rtol(rtol)
     stats.check_rejected()
     present = stats.present
     out = CollapseMetrics(

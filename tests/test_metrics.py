@@ -412,3 +412,23 @@ def test_low_precision_inputs(dtype, weight_dtype):
         assert getattr(r, name) == pytest.approx(expected[name], rel=1e-5), name
     counts, _ = nearest_centre_reference(low, y, stats_of(low, y, 4).means, weight.to(weight_dtype))
     assert r.ncc_mismatch == pytest.approx(counts[2].item() / 400)
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), float("inf"), 2.0, 1.0, -0.1, True, "1e-3", torch.tensor(0.1)])
+def test_rank_tolerance_is_validated(rtol):
+    x, y = random_problem(seed=20)
+    stats = stats_of(x, y, 7)
+    for fn in (M.nc1, M.separation_fuzziness, collapse_metrics):
+        with pytest.raises(ValueError, match=r"Expected `rtol` to be None or a finite number in \[0, 1\)"):
+            fn(stats, rtol=rtol)
+
+
+def test_rank_tolerance_accepts_real_numbers():
+    np = pytest.importorskip("numpy")
+    x, y = random_problem(seed=20)
+    stats = stats_of(x, y, 7)
+    base = M.nc1(stats)
+    for rtol in (0, 0.0, 1e-12, np.float64(1e-12), np.float32(1e-12)):
+        assert M.nc1(stats, rtol=rtol) == pytest.approx(base, rel=1e-12)
+    # A tolerance that drops directions is honoured (fewer 1/s^2 terms, smaller NC1).
+    assert M.nc1(stats, rtol=0.99) < base
