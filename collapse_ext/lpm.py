@@ -682,11 +682,22 @@ def _imbalanced_counts(K: int, K_A: int, ratios: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def _sweep_args(K, K_A, ratios):
+def _imbalance_classes(K, K_A) -> tuple[int, int]:
+    """K >= 3 classes of which K_A in [1, K - 2] are the majority: a ratio n_A / n_B needs
+    both groups, and the minority spread needs at least two minority rows (with one it is 0,
+    which would read as Minority Collapse at any ratio)."""
     K = _positive_int(K, "K")
-    K_A = _positive_int(K_A, "K_A")
-    if not 1 <= K_A <= K - 2:
-        raise ValueError(f"Expected `K_A` in [1, K - 2] (at least two minority classes), got K_A={K_A}, K={K}")
+    if K < 3:
+        raise ValueError(f"Expected `K` >= 3 (one majority and two minority classes at least), got {K}")
+    if isinstance(K_A, bool) or not isinstance(K_A, int) or not 1 <= K_A <= K - 2:
+        raise ValueError(
+            f"Expected `K_A` in [1, K - 2] (at least one majority and two minority classes), got K_A={K_A!r}, K={K}"
+        )
+    return K, K_A
+
+
+def _sweep_args(K, K_A, ratios):
+    K, K_A = _imbalance_classes(K, K_A)
     r = torch.as_tensor(ratios, dtype=torch.float64).detach().cpu().flatten()
     if r.numel() == 0 or not torch.isfinite(r).all() or (r <= 0).any():
         raise ValueError(f"Expected `ratios` to be positive finite numbers, got {ratios!r}")
@@ -717,6 +728,8 @@ def minority_collapse_sweep(
     solve_kwargs go to ``solve`` (dim, loss, method, max_iter, tol, seed, device, dtype, ...).
     """
     K, K_A, r = _sweep_args(K, K_A, ratios)
+    if threshold and not float(r.min()) < float(r.max()):
+        raise ValueError(f"Expected at least two distinct `ratios` to bracket the threshold, got {r.tolist()}")
     counts = _imbalanced_counts(K, K_A, r)
     lw = None
     if oversample:
@@ -772,12 +785,15 @@ def estimate_threshold(
     once and keeps the bracket where the spread crosses ``spread_tol``, shrinking it by
     points + 1. Returns the geometric midpoint of the last bracket, ``hi`` side included;
     None when the spread at ``hi`` is still above the tolerance; ``lo`` when it is below there.
-    Assumes the spread decreases with R (Fang et al. 2021, Thm 5).
+    Assumes the spread decreases with R (Fang et al. 2021, Thm 5). Needs K >= 3 and
+    1 <= K_A <= K - 2 (a majority, and at least two minority rows to have a spread).
     """
+    K, K_A = _imbalance_classes(K, K_A)
     _positive_int(points, "points")
     _positive_int(rounds, "rounds")
     _positive_float(spread_tol, "spread_tol")
-    if not 0 < lo < hi:
+    lo, hi = _positive_float(lo, "lo"), _positive_float(hi, "hi")
+    if not lo < hi:
         raise ValueError(f"Expected 0 < `lo` < `hi`, got lo={lo!r}, hi={hi!r}")
     minority = torch.arange(K) >= K_A
 

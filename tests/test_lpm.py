@@ -249,3 +249,40 @@ def test_bad_input_messages():
         lpm.minority_collapse_sweep(10, 5, [1.0, -2.0])
     with pytest.raises(ValueError, match=r"Expected `counts` to be \(K,\) positive integers for solve_full"):
         lpm.solve_full([1.5, 2.0])
+
+
+@pytest.mark.parametrize(
+    "K,K_A,match",
+    [
+        (4, 3, r"Expected `K_A` in \[1, K - 2\] .*got K_A=3, K=4"),
+        (4, 0, r"Expected `K_A` in \[1, K - 2\] .*got K_A=0, K=4"),
+        (4, -1, r"Expected `K_A` in \[1, K - 2\]"),
+        (4, 1.5, r"Expected `K_A` in \[1, K - 2\] .*got K_A=1.5"),
+        (4, True, r"Expected `K_A` in \[1, K - 2\]"),
+        (2, 1, r"Expected `K` >= 3"),
+        (0, 1, "Expected `K` to be a positive int"),
+    ],
+)
+def test_threshold_needs_a_majority_and_two_minority_classes(K, K_A, match):
+    # (4, 3) used to return 1.0 (one minority row has spread 0) and K_A = 0 returned None.
+    with pytest.raises(ValueError, match=match):
+        lpm.estimate_threshold(K, K_A, max_iter=10)
+    with pytest.raises(ValueError, match=match):
+        lpm.minority_collapse_sweep(K, K_A, [1.0, 2.0], max_iter=10)
+
+
+def test_threshold_bracket_is_validated():
+    with pytest.raises(ValueError, match=r"Expected 0 < `lo` < `hi`, got lo=10.0, hi=5.0"):
+        lpm.estimate_threshold(5, 2, lo=10.0, hi=5.0)
+    with pytest.raises(ValueError, match="Expected `hi` to be a positive finite number, got inf"):
+        lpm.estimate_threshold(5, 2, hi=float("inf"))
+    with pytest.raises(ValueError, match="Expected `lo` to be a positive finite number, got '1'"):
+        lpm.estimate_threshold(5, 2, lo="1")
+    with pytest.raises(ValueError, match="Expected at least two distinct `ratios` to bracket the threshold"):
+        lpm.minority_collapse_sweep(5, 2, [3.0, 3.0], threshold=True)
+
+
+def test_threshold_smallest_valid_problem():
+    # K = 3, K_A = 1: two minority rows; they collapse at a finite ratio.
+    R0 = lpm.estimate_threshold(3, 1, 1.0, 5.0, lo=1.0, hi=1e4, rounds=2)
+    assert R0 is not None and 1.0 < R0 < 1e4
