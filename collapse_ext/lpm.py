@@ -192,23 +192,32 @@ def _project(X: torch.Tensor, radius_sq: torch.Tensor) -> torch.Tensor:
 
 
 def kkt_residual(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, E_W, E_H, loss: str = "ce"):
-    """KKT residual (B,) and multipliers (B, 2) of the class-collapsed LPM at (W, H).
+    """Scale-free KKT residual (B,) and multipliers (B, 2) of the class-collapsed LPM at (W, H).
 
     Stationarity grad_W f + lam_W (2/K) W = 0 (same for H) with the least-squares
-    multiplier lam = max(0, -K <grad, X> / (2 ||X||^2)); the residual is the norm of
-    (stationarity residuals, lam * constraint value, constraint violation), float64.
+    multiplier lam = max(0, -K <grad, X> / (2 ||X||^2)) (returned in the units of the
+    problem). The residual is measured in the variables X^ = X / sqrt(K E_X), whose
+    constraint is the unit ball, and divided by the problem's gradient scale
+    S = K sqrt(E_W E_H) ||c||_2 (a bound on ||grad f|| there, up to the loss's bound on
+    dL/dz): the norm of (stationarity residuals / S, mu * constraint / S, constraint
+    violation) with mu = lam E_X and the constraint ||X^||^2 - 1. So it is dimensionless,
+    unchanged by a rescaling of the loss weights c and by (E_W, E_H) -> (a E_W, E_H / a)
+    with W, H rescaled accordingly; float64.
     """
     W, H = W.double(), H.double()
     K = W.shape[1]
-    _, gW, gH = lpm_objective_grad_reference(W, H, weights, loss)
+    c = weights.double()
+    _, gW, gH = lpm_objective_grad_reference(W, H, c, loss)
+    tiny = torch.finfo(torch.float64).tiny
+    levels = [torch.as_tensor(e, dtype=torch.float64, device=W.device) for e in (E_W, E_H)]
+    scale = (K * torch.sqrt(levels[0] * levels[1]) * c.norm(dim=-1)).clamp_min(tiny)
     parts, lams = [], []
-    for X, g, level in ((W, gW, E_W), (H, gH, E_H)):
-        level = torch.as_tensor(level, dtype=torch.float64, device=X.device)
+    for X, g, level in ((W, gW, levels[0]), (H, gH, levels[1])):
         norm_sq = (X * X).sum((1, 2))
-        lam = (-K * (g * X).sum((1, 2)) / (2 * norm_sq.clamp_min(torch.finfo(torch.float64).tiny))).clamp_min(0)
-        stationarity = g + (2 * lam / K)[:, None, None] * X
-        constraint = norm_sq / K - level
-        parts += [(stationarity**2).sum((1, 2)), (lam * constraint) ** 2, constraint.clamp_min(0) ** 2]
+        lam = (-K * (g * X).sum((1, 2)) / (2 * norm_sq.clamp_min(tiny))).clamp_min(0)
+        stationarity = ((g + (2 * lam / K)[:, None, None] * X) ** 2).sum((1, 2)) * (K * level)
+        constraint = norm_sq / (K * level) - 1.0
+        parts += [stationarity / scale**2, (lam * level * constraint / scale) ** 2, constraint.clamp_min(0) ** 2]
         lams.append(lam)
     return torch.sqrt(sum(parts)), torch.stack(lams, 1)
 
@@ -297,7 +306,8 @@ class LPMResult:
     """Solution of a batch of class-collapsed LPM instances; tensors are batched (B, ...).
 
     W, H: (B, K, p); objective, pg_norm (gradient-mapping norm), step: (B,);
-    iterations (B,) int64; converged (B,) bool; kkt (B,) KKT residual and multipliers
+    iterations (B,) int64; converged (B,) bool: the stopping rule was met and the
+    scale-free KKT residual is at most ``kkt_tol``; kkt (B,) that residual and multipliers
     (B, 2) (see ``kkt_residual``); weights (B, K) = c_k; E_W, E_H (B,).
     The optimum is unique only up to rotation: use the Gram matrices, norms and cosines.
     """
@@ -370,6 +380,7 @@ def solve(
     max_iter: int = 20000,
     tol: float = 1e-8,
     ftol: float | None = None,
+    kkt_tol: float | None = None,
     chunk: int = 100,
     seed: int = 0,
     device=None,
@@ -384,7 +395,11 @@ def solve(
     dim: feature dimension p (default K; the ETF needs p >= K - 1). loss: "ce" or "mse".
     method: "apgd" (accelerated, restarted) or "pgd". tol: stop when the
     projected-gradient norm is <= tol; ftol: or when the objective changes by at most
-    ftol * max(1, |f|) over a chunk (default 4 eps of ``dtype``). Instances start from
+    ftol * max(1, |f|) over a chunk (default 4 eps of ``dtype``). Both rules are absolute or
+    can be met by a step lost in rounding, so an instance counts as ``converged`` only when
+    the scale-free KKT residual (``kkt_residual``) is also <= kkt_tol (default 1e-6 for
+    float64, 1e-3 for float32). Budgets so large that the gradient's Lipschitz bound squared
+    overflows ``dtype`` are refused. Instances start from
     Gaussian points drawn from ``seed`` on the CPU, so results do not depend on ``device``.
     backend: "fused" (the ``lpm_step`` op) or "reference" (plain batched PyTorch).
     """
@@ -397,6 +412,9 @@ def solve(
     chunk = _positive_int(chunk, "chunk")
     tol = _positive_float(tol, "tol", allow_zero=True)
     ftol = 4 * torch.finfo(dtype).eps if ftol is None else _positive_float(ftol, "ftol", allow_zero=True)
+    if kkt_tol is None:
+        kkt_tol = 1e-6 if dtype == torch.float64 else 1e-3
+    kkt_tol = _positive_float(kkt_tol, "kkt_tol", allow_zero=True)
     n = _counts(counts)
     lw = None
     if loss_weights is not None:
@@ -416,7 +434,15 @@ def solve(
     if (weights.sum(1) <= 0).any():
         raise ValueError("Expected `loss_weights` to leave a positive weight in every instance")
     ew, eh = _per_instance(E_W, "E_W", B), _per_instance(E_H, "E_H", B)
-    step = 1.0 / lipschitz_bound(weights, ew, eh, loss)
+    bound = lipschitz_bound(weights, ew, eh, loss)
+    limit = math.sqrt(torch.finfo(dtype).max)
+    if not (bound < limit).all():
+        worst = int(torch.argmax(torch.nan_to_num(bound, nan=math.inf)))
+        raise ValueError(
+            f"Expected `E_W` and `E_H` small enough for {dtype} arithmetic, got E_W={float(ew[worst]):.3g}, "
+            f"E_H={float(eh[worst]):.3g} (Lipschitz bound {float(bound[worst]):.3g} >= {limit:.3g})"
+        )
+    step = 1.0 / bound
 
     gen = torch.Generator().manual_seed(int(seed))
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -430,6 +456,9 @@ def solve(
         stepper, (W0, H0), (W0, H0), theta, to(step), consts, max_iter=max_iter, tol=tol, ftol=ftol, chunk=chunk
     )
     kkt, multipliers = kkt_residual(W, H, consts[0], consts[1], consts[2], loss)
+    # A step lost in rounding (budgets far apart or huge) also "stalls": only a small
+    # scale-free KKT residual certifies an optimum.
+    converged = converged & (kkt <= kkt_tol).to(converged.device)
     return LPMResult(
         W=W,
         H=H,

@@ -286,3 +286,41 @@ def test_threshold_smallest_valid_problem():
     # K = 3, K_A = 1: two minority rows; they collapse at a finite ratio.
     R0 = lpm.estimate_threshold(3, 1, 1.0, 5.0, lo=1.0, hi=1e4, rounds=2)
     assert R0 is not None and 1.0 < R0 < 1e4
+
+
+def test_overflowing_budgets_are_refused():
+    # E_W = 1e300 used to report converged=True with a KKT residual of 5e149.
+    with pytest.raises(ValueError, match=r"Expected `E_W` and `E_H` small enough for torch.float64 arithmetic"):
+        lpm.solve([3.0, 1.0, 1.0, 2.0], 1e300, 1.0)
+    with pytest.raises(ValueError, match=r"Expected `E_W` and `E_H` small enough for torch.float32 arithmetic"):
+        lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 1e25, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("E_W,E_H", [(1e150, 1e150), (1e-300, 1.0), (1.0, 1e-300)])
+def test_converged_is_judged_on_the_problem_scale(E_W, E_H):
+    # The gradient-mapping norm is 0 (the step is lost in rounding) or below tol only
+    # because a ball is tiny: the stopping rule fires, the scale-free KKT residual does not.
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], E_W, E_H, max_iter=300)
+    assert not res.converged.any()
+    assert (res.kkt > 1e-2).all()
+
+
+def test_kkt_residual_is_scale_free():
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 5.0, max_iter=300, tol=0.0, ftol=0.0)
+    base, lam = lpm.kkt_residual(res.W, res.H, res.weights, 1.0, 5.0)
+    assert 1e-12 < base.item() < 1e-3  # not yet converged: the comparison below is not 0 == 0
+    # Only E_W E_H matters: (E_W, E_H) -> (a E_W, E_H / a) with W, H rescaled ...
+    for a in (1e-8, 1e8):
+        moved, _ = lpm.kkt_residual(res.W * a**0.5, res.H / a**0.5, res.weights, a, 5.0 / a)
+        assert moved.item() == pytest.approx(base.item(), rel=1e-4)
+    # ... and so does a common factor on the loss weights (the multipliers scale with it).
+    scaled, lam2 = lpm.kkt_residual(res.W, res.H, 1e6 * res.weights, 1.0, 5.0)
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-4)
+    assert torch.allclose(lam2, 1e6 * lam, rtol=1e-9)
+
+
+def test_kkt_tol():
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 5.0, kkt_tol=0.0)
+    assert not res.converged.any() and res.kkt.item() > 0
+    with pytest.raises(ValueError, match="Expected `kkt_tol` to be a non-negative finite number"):
+        lpm.solve([1.0, 1.0], kkt_tol=float("nan"))
