@@ -204,9 +204,9 @@ def kkt_residual(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, E_W, E
     unchanged by a rescaling of the loss weights c and by (E_W, E_H) -> (a E_W, E_H / a)
     with W, H rescaled accordingly; float64.
     """
-    W, H = W.double(), H.double()
+    W, H = W.detach().double(), H.detach().double()
     K = W.shape[1]
-    c = weights.double()
+    c = weights.detach().double()
     _, gW, gH = lpm_objective_grad_reference(W, H, c, loss)
     tiny = torch.finfo(torch.float64).tiny
     levels = [torch.as_tensor(e, dtype=torch.float64, device=W.device) for e in (E_W, E_H)]
@@ -628,6 +628,7 @@ def minority_stats(W: torch.Tensor, minority: torch.Tensor) -> dict[str, torch.T
     minority_norm and majority_norm (mean row norms), norm_ratio = their quotient, and
     minority_spread = max_{j,k minority} ||w_j - w_k||^2 / mean_k ||w_k||^2.
     """
+    W = W.detach()
     minority = minority.to(W.device)
     cos = _cosines(W)
     norms = W.norm(dim=2)

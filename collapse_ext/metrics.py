@@ -13,7 +13,8 @@ Pairwise quantities (cosines, CDNV, kernels, minority blocks) come from the fuse
 ``pairwise_stats`` op, which reduces the K x K Gram matrix tile by tile and never holds
 it; NC4 comes from the fused ``nearest_centre`` op, which never holds the N x K distances.
 Everything is computed in float64 (weights and means are promoted), so the metrics are as
-exact as the statistics.
+exact as the statistics. Metrics never take part in autograd: every tensor that comes in
+(features, rows, weight, bias, means) is detached, so ``nn.Parameter`` weights work as is.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _check_rows(rows: Any, name: str) -> torch.Tensor:
         raise ValueError(f"Expected `{name}` to be a 2-D (K, d) tensor, got shape {tuple(rows.shape)}")
     if not rows.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating tensor, got {rows.dtype}")
-    return rows.double()
+    return rows.detach().double()
 
 
 def _check_weight(weight: Any, stats: ClassStats, name: str = "weight") -> torch.Tensor:
@@ -93,7 +94,7 @@ def _check_bias(bias: Any, num_classes: int) -> torch.Tensor:
         raise TypeError(f"Expected `bias` to be a torch.Tensor, got {type(bias).__name__}")
     if tuple(bias.shape) != (num_classes,):
         raise ValueError(f"Expected `bias` of shape (K,) = ({num_classes},), got {tuple(bias.shape)}")
-    return bias
+    return bias.detach()
 
 
 def _positive_float(value: Any, name: str) -> float:
@@ -115,7 +116,7 @@ def _rank_rtol(value: Any) -> float | None:
 def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One (features, labels) pair, or two equally long sequences of batches."""
     if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor):
-        yield features, labels
+        yield features.detach(), labels
         return
     if isinstance(features, torch.Tensor) or isinstance(labels, torch.Tensor):
         raise TypeError("Expected `features` and `labels` to be both tensors or both sequences of batches")
@@ -124,7 +125,8 @@ def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.T
         raise ValueError(
             f"Expected as many `labels` batches as `features` batches, got {len(labels)} and {len(features)}"
         )
-    yield from zip(features, labels)
+    for x, y in zip(features, labels):
+        yield (x.detach() if isinstance(x, torch.Tensor) else x), y
 
 
 # ------------------------------------------------------------------ pairwise sums
@@ -457,8 +459,8 @@ def nearest_centre_counts(
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(features).__name__}")
     dev = features.device
-    moved = [t.to(dev) if t is not None else None for t in (means, weight, bias, present)]
-    return nearest_centre(features, labels.to(dev), *moved)[0]
+    moved = [t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in (means, weight, bias, present)]
+    return nearest_centre(features.detach(), labels.to(dev), *moved)[0]
 
 
 def ncc_accuracy(counts: torch.Tensor) -> float:
@@ -727,7 +729,7 @@ def collapse_metrics(
     stats = _check_stats(stats)
     w = _check_weight(weight, stats) if weight is not None else None
     if bias is not None:
-        _check_bias(bias, stats.num_classes)
+        bias = _check_bias(bias, stats.num_classes)
         if w is None:
             raise ValueError("Expected `weight` together with `bias`, got only `bias`")
     if (features is None) != (labels is None):

@@ -324,3 +324,12 @@ def test_kkt_tol():
     assert not res.converged.any() and res.kkt.item() > 0
     with pytest.raises(ValueError, match="Expected `kkt_tol` to be a non-negative finite number"):
         lpm.solve([1.0, 1.0], kkt_tol=float("nan"))
+
+
+def test_inputs_that_require_grad_are_detached():
+    res = lpm.solve([2.0, 1.0, 1.0], 1.0, 1.0)
+    W, H = res.W.clone().requires_grad_(), res.H.clone().requires_grad_()
+    kkt, lam = lpm.kkt_residual(W, H, res.weights, 1.0, 1.0)
+    assert not kkt.requires_grad and not lam.requires_grad
+    stats = lpm.minority_stats(W, torch.tensor([False, True, True]))
+    assert not any(v.requires_grad for v in stats.values())

@@ -432,3 +432,27 @@ def test_rank_tolerance_accepts_real_numbers():
         assert M.nc1(stats, rtol=rtol) == pytest.approx(base, rel=1e-12)
     # A tolerance that drops directions is honoured (fewer 1/s^2 terms, smaller NC1).
     assert M.nc1(stats, rtol=0.99) < base
+
+
+def test_parameters_that_require_grad_are_detached():
+    # nn.Parameter weights used to fail with "mm(): functions with out=... don't support
+    # automatic differentiation"; metrics never take part in autograd.
+    x, y = random_problem(n=300, d=24, k=7, seed=21)
+    stats = stats_of(x, y, 7)
+    lin = torch.nn.Linear(24, 7)
+    feats = x.clone().requires_grad_()
+    expected = collapse_metrics(stats, lin.weight.detach(), lin.bias.detach(), features=x, labels=y).to_dict()
+    got = collapse_metrics(stats, lin.weight, lin.bias, features=feats, labels=y).to_dict()
+    assert got == expected
+    projected = stats_of(x, y, 7, within_cov=False)
+    r = collapse_metrics(projected, lin.weight, lin.bias, features=[feats], labels=[y])
+    assert r.nc1 == pytest.approx(expected["nc1"], rel=1e-6)
+    for fn in (M.equinorm, M.mean_cosine, M.equiangularity, M.max_angle, M.etf_error, M.orthogonal_frame_error):
+        assert fn(lin.weight) == fn(lin.weight.detach()), fn.__name__
+    assert M.gnc2(lin.weight) == M.gnc2(lin.weight.detach())
+    centred = stats.centred_means()
+    assert M.self_duality(lin.weight, centred) == M.self_duality(lin.weight.detach(), centred)
+    assert M.minority_collapse(stats, lin.weight, minority=[0, 1]).spread is not None
+    counts = nearest_centre_counts(feats, y, stats.means, lin.weight, lin.bias)
+    assert not counts.requires_grad and counts[0].item() == 300
+    assert M.nc1(stats, features=feats, labels=y, mode="projected") == pytest.approx(expected["nc1"], rel=1e-6)
