@@ -113,20 +113,50 @@ def _rank_rtol(value: Any) -> float | None:
     return float(value)
 
 
-def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One (features, labels) pair, or two equally long sequences of batches."""
-    if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor):
-        yield features.detach(), labels
-        return
-    if isinstance(features, torch.Tensor) or isinstance(labels, torch.Tensor):
-        raise TypeError("Expected `features` and `labels` to be both tensors or both sequences of batches")
-    features, labels = list(features), list(labels)
-    if len(features) != len(labels):
+def _check_finite_rows(features: torch.Tensor, first_row: int = 0) -> None:
+    """Raise on NaN/Inf rows of features (N, d), naming the first one (a host sync)."""
+    bad = ~torch.isfinite(features).all(1)
+    if bool(bad.any()):
+        row = first_row + int(bad.nonzero()[0, 0])
+        raise ValueError(f"Expected finite `features`, got NaN or Inf in row {row}")
+
+
+def _check_features(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"Expected `labels` to be a torch.Tensor, got {type(y).__name__}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"Expected `features` to be a 2-D (N, d) floating tensor, got {x.dtype} {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"Expected as many `labels` batches as `features` batches, got {len(labels)} and {len(features)}"
+            f"Expected `labels` to be a ({x.shape[0]},) int32/int64 tensor like `features`, "
+            f"got {y.dtype} {tuple(y.shape)}"
         )
-    for x, y in zip(features, labels):
-        yield (x.detach() if isinstance(x, torch.Tensor) else x), y
+    return x.detach(), y
+
+
+def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One (features, labels) pair, or two equally long sequences of batches; every batch
+    is checked (shapes, finite rows: the first bad row is named, counted over batches)."""
+    if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor):
+        pairs = [(features, labels)]
+    elif isinstance(features, torch.Tensor) or isinstance(labels, torch.Tensor):
+        raise TypeError("Expected `features` and `labels` to be both tensors or both sequences of batches")
+    else:
+        features, labels = list(features), list(labels)
+        if len(features) != len(labels):
+            raise ValueError(
+                f"Expected as many `labels` batches as `features` batches, got {len(labels)} and {len(features)}"
+            )
+        pairs = list(zip(features, labels))
+    checked, row = [], 0
+    for x, y in pairs:
+        x, y = _check_features(x, y)
+        _check_finite_rows(x, row)
+        row += x.shape[0]
+        checked.append((x, y))
+    yield from checked
 
 
 # ------------------------------------------------------------------ pairwise sums
@@ -444,9 +474,12 @@ def nearest_centre_counts(
     bias: torch.Tensor | None = None,
     *,
     present: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device, without a
-    host synchronisation (safe inside a training step); one fused ``nearest_centre`` pass.
+    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device; one fused
+    ``nearest_centre`` pass. NaN/Inf feature rows raise a ValueError naming the first one
+    (one host synchronisation); ``check_finite=False`` skips that check, for a sync-free
+    call inside a training step or ``torch.compile`` (the op then leaves such rows out).
 
     features (N, d) float; labels (N,) int32/int64 (rows outside [0, K) are not counted);
     means (K, d) float, the class centres (e.g. ``stats.means``, or last epoch's);
@@ -456,16 +489,30 @@ def nearest_centre_counts(
     counts argmin_k ||h - mu_k||^2 == y; mismatch counts argmin_k ||h - mu_k||^2 !=
     argmax_k (W h + b)_k (Papyan et al. 2020). Sum the counts over batches.
     """
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(features).__name__}")
+    features, labels = _check_features(features, labels)
+    if check_finite:
+        _check_finite_rows(features)
     dev = features.device
     moved = [t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in (means, weight, bias, present)]
     return nearest_centre(features.detach(), labels.to(dev), *moved)[0]
 
 
+def _check_ncc_counts(counts: Any, name: str = "ncc_counts") -> torch.Tensor:
+    """(3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n."""
+    form = "a (3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n"
+    ok = isinstance(counts, torch.Tensor) and tuple(counts.shape) == (3,)
+    ok = ok and not counts.is_floating_point() and not counts.is_complex() and counts.dtype != torch.bool
+    if ok:
+        n, correct, mismatch = (int(v) for v in counts.tolist())
+        ok = n >= 0 and 0 <= correct <= n and 0 <= mismatch <= n
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {form}, got {counts!r}")
+    return counts.detach().cpu().long()
+
+
 def ncc_accuracy(counts: torch.Tensor) -> float:
     """NC4 nearest-class-centre accuracy ncc_correct / n from :func:`nearest_centre_counts`."""
-    n, correct, _ = (int(v) for v in counts.tolist())
+    n, correct, _ = (int(v) for v in _check_ncc_counts(counts, "counts").tolist())
     if n == 0:
         raise UndefinedMetricError("no samples were classified")
     return correct / n
@@ -474,7 +521,7 @@ def ncc_accuracy(counts: torch.Tensor) -> float:
 def ncc_mismatch(counts: torch.Tensor) -> float:
     """NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre differs from
     the classifier's prediction, from :func:`nearest_centre_counts` (computed with ``weight``)."""
-    n, _, mismatch = (int(v) for v in counts.tolist())
+    n, _, mismatch = (int(v) for v in _check_ncc_counts(counts, "counts").tolist())
     if n == 0:
         raise UndefinedMetricError("no samples were classified")
     return mismatch / n
@@ -734,8 +781,12 @@ def collapse_metrics(
             raise ValueError("Expected `weight` together with `bias`, got only `bias`")
     if (features is None) != (labels is None):
         raise ValueError("Expected `features` and `labels` together, got only one of them")
-    if ncc_counts is not None and (not isinstance(ncc_counts, torch.Tensor) or tuple(ncc_counts.shape) != (3,)):
-        raise ValueError(f"Expected `ncc_counts` to be a (3,) tensor [n, ncc_correct, mismatch], got {ncc_counts!r}")
+    if features is not None:
+        # Checked once up front, and iterated twice (projected NC1, NC4): materialise.
+        batches = list(_batches(features, labels))
+        features, labels = [x for x, _ in batches], [y for _, y in batches]
+    if ncc_counts is not None:
+        ncc_counts = _check_ncc_counts(ncc_counts)
     p = _positive_float(cdnv_exponent, "cdnv_exponent")
     rtol = _rank_rtol(rtol)
     stats.check_rejected()

@@ -258,7 +258,8 @@ def test_nearest_centre_counts_compile_without_graph_breaks():
     means = class_stats_reference(x, y, 4)[1]
     weight = torch.randn(4, 8)
     f = torch.compile(nearest_centre_counts, fullgraph=True, backend="eager")
-    assert torch.equal(f(x, y, means, weight), nearest_centre_reference(x, y, means, weight)[0])
+    # check_finite=False: the NaN check is a host synchronisation (a data-dependent branch).
+    assert torch.equal(f(x, y, means, weight, check_finite=False), nearest_centre_reference(x, y, means, weight)[0])
 
 
 def test_bundle_uses_given_ncc_counts():
@@ -456,3 +457,60 @@ def test_parameters_that_require_grad_are_detached():
     counts = nearest_centre_counts(feats, y, stats.means, lin.weight, lin.bias)
     assert not counts.requires_grad and counts[0].item() == 300
     assert M.nc1(stats, features=feats, labels=y, mode="projected") == pytest.approx(expected["nc1"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_feature_rows_are_named(bad):
+    # NaN rows used to be skipped silently by nearest_centre_counts.
+    x, y = random_problem(n=300, d=24, k=7, seed=22)
+    stats = stats_of(x, y, 7)
+    xb = x.clone()
+    xb[237, 5] = bad
+    match = "Expected finite `features`, got NaN or Inf in row 237"
+    with pytest.raises(ValueError, match=match):
+        nearest_centre_counts(xb, y, stats.means, present=stats.present)
+    with pytest.raises(ValueError, match=match):
+        collapse_metrics(stats, features=list(xb.split(100)), labels=list(y.split(100)))
+    with pytest.raises(ValueError, match=match):
+        M.nc1(stats_of(x, y, 7, within_cov=False), features=xb, labels=y)
+    # Opting out keeps the op's behaviour (a NaN row is left out) and needs no host sync.
+    counts = nearest_centre_counts(xb, y, stats.means, present=stats.present, check_finite=False)
+    assert counts[0].item() == (299 if math.isnan(bad) else 300)
+
+
+def test_feature_batches_are_checked():
+    x, y = random_problem(n=100, d=24, k=7, seed=23)
+    stats = stats_of(x, y, 7)
+    with pytest.raises(ValueError, match=r"Expected `labels` to be a \(100,\) int32/int64 tensor"):
+        collapse_metrics(stats, features=x, labels=y.float())
+    with pytest.raises(ValueError, match=r"Expected `features` to be a 2-D \(N, d\) floating tensor"):
+        nearest_centre_counts(x.long(), y, stats.means)
+    with pytest.raises(TypeError, match="Expected `labels` to be a torch.Tensor, got list"):
+        nearest_centre_counts(x, y.tolist(), stats.means)
+    # Generators are iterated once: both the projected NC1 and the NC4 pass see the data.
+    plain = stats_of(x, y, 7, within_cov=False)
+    r = collapse_metrics(plain, features=(b for b in x.split(30)), labels=(b for b in y.split(30)))
+    assert r.nc1 == pytest.approx(M.nc1(stats), rel=1e-6) and r.ncc_accuracy is not None
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        torch.tensor([10, 11, 0]),
+        torch.tensor([10, 1, 11]),
+        torch.tensor([-1, 0, 0]),
+        torch.tensor([10, -1, 0]),
+        torch.tensor([10.0, 1.0, 0.0]),
+        torch.tensor([True, True, False]),
+        torch.tensor([10, 1]),
+        [10, 1, 0],
+    ],
+)
+def test_ncc_counts_are_validated(counts):
+    x, y = random_problem(n=100, d=24, k=7, seed=24)
+    stats = stats_of(x, y, 7)
+    with pytest.raises(ValueError, match=r"Expected `ncc_counts` to be a \(3,\) integer tensor \[n, ncc_correct"):
+        collapse_metrics(stats, torch.randn(7, 24), ncc_counts=counts)
+    with pytest.raises(ValueError, match=r"Expected `counts` to be a \(3,\) integer tensor"):
+        M.ncc_accuracy(counts)
+    assert collapse_metrics(stats, ncc_counts=torch.tensor([10, 10, 10], dtype=torch.int32)).ncc_accuracy == 1.0
