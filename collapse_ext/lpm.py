@@ -35,6 +35,8 @@ What the solver reproduces (tests/test_lpm.py):
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,14 +74,25 @@ def _choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     return value
 
 
+def _integral(value: Any) -> int | None:
+    """int(value) for any integral (int, numpy integer, 0-d integer tensor; not bool), else None."""
+    if isinstance(value, bool) or (hasattr(value, "dtype") and "bool" in str(value.dtype)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    index = _integral(value)
+    if index is None or index <= 0:
         raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
-    return value
+    return index
 
 
 def _positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"Expected `{name}` to be {kind} finite number, got {value!r}")
@@ -719,11 +732,12 @@ def _imbalance_classes(K, K_A) -> tuple[int, int]:
     K = _positive_int(K, "K")
     if K < 3:
         raise ValueError(f"Expected `K` >= 3 (one majority and two minority classes at least), got {K}")
-    if isinstance(K_A, bool) or not isinstance(K_A, int) or not 1 <= K_A <= K - 2:
+    index = _integral(K_A)
+    if index is None or not 1 <= index <= K - 2:
         raise ValueError(
             f"Expected `K_A` in [1, K - 2] (at least one majority and two minority classes), got K_A={K_A!r}, K={K}"
         )
-    return K, K_A
+    return K, index
 
 
 def _sweep_args(K, K_A, ratios):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -98,7 +99,7 @@ def _check_bias(bias: Any, num_classes: int) -> torch.Tensor:
 
 
 def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}")
     return float(value)
 
@@ -549,11 +550,23 @@ def _minority_set(stats: ClassStats, minority: Any, threshold: float) -> list[in
         n = stats.counts
         cut = threshold * float(n.max())
         return [k for k in range(stats.num_classes) if bool(present[k]) and float(n[k]) < cut]
-    items = minority.tolist() if isinstance(minority, torch.Tensor) else list(minority)
+    bad = ValueError(f"Expected `minority` to be class indices in [0, {stats.num_classes}), got {minority!r}")
+    if isinstance(minority, torch.Tensor) and (minority.is_floating_point() or minority.dtype == torch.bool):
+        raise bad
+    try:
+        items = minority.tolist() if isinstance(minority, torch.Tensor) else list(minority)
+    except TypeError:
+        raise bad from None
+    indices = []
     for k in items:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < stats.num_classes:
-            raise ValueError(f"Expected `minority` to be class indices in [0, {stats.num_classes}), got {minority!r}")
-    return sorted({k for k in items if bool(present[k])})
+        try:
+            index = None if isinstance(k, bool) or "bool" in str(getattr(k, "dtype", "")) else operator.index(k)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < stats.num_classes:
+            raise bad
+        indices.append(index)
+    return sorted({k for k in indices if bool(present[k])})
 
 
 def _minority_parts(

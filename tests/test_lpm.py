@@ -333,3 +333,18 @@ def test_inputs_that_require_grad_are_detached():
     assert not kkt.requires_grad and not lam.requires_grad
     stats = lpm.minority_stats(W, torch.tensor([False, True, True]))
     assert not any(v.requires_grad for v in stats.values())
+
+
+def test_numpy_integers_and_reals_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert lpm.simplex_etf(np.int64(4), np.int32(5)).shape == (4, 5)
+    res = lpm.solve([1.0, 1.0, 1.0], np.float32(1.0), dim=np.int64(3), max_iter=np.int64(2000), chunk=np.int16(50))
+    assert res.W.shape == (1, 3, 3) and res.converged.all()
+    assert lpm.balanced_prediction(np.int64(3), np.int64(1), np.float32(2.0))["norm_H"] == pytest.approx(2**0.5)
+    with pytest.raises(ValueError, match=r"Expected `K_A` in \[1, K - 2\]"):
+        lpm.estimate_threshold(np.int64(4), np.int64(3))
+    for bad in (4.0, True, np.bool_(True), np.float64(4.0)):
+        with pytest.raises(ValueError, match="Expected `K` to be a positive int"):
+            lpm.simplex_etf(bad)
+    with pytest.raises(ValueError, match="Expected `E_W` to be a positive finite number"):
+        lpm.balanced_prediction(3, True)

@@ -514,3 +514,17 @@ def test_ncc_counts_are_validated(counts):
     with pytest.raises(ValueError, match=r"Expected `counts` to be a \(3,\) integer tensor"):
         M.ncc_accuracy(counts)
     assert collapse_metrics(stats, ncc_counts=torch.tensor([10, 10, 10], dtype=torch.int32)).ncc_accuracy == 1.0
+
+
+def test_numpy_integers_are_class_indices():
+    np = pytest.importorskip("numpy")
+    x, y = random_problem(seed=25)
+    stats = stats_of(x, y, 7)
+    weight = torch.randn(7, 24)
+    assert M.minority_collapse(stats, weight, minority=[np.int64(3), 4]).minority == [3, 4]
+    assert M.minority_collapse(stats, weight, minority=np.array([5, 6])).minority == [5, 6]
+    assert collapse_metrics(stats, weight, minority=np.arange(2)).minority_classes == [0, 1]
+    assert M.nc1_cdnv(stats, exponent=np.float32(2.0)) == pytest.approx(M.nc1_cdnv(stats, exponent=2.0))
+    for bad in ([1.0], [True], np.array([True, False]), torch.tensor([1.0]), 3):
+        with pytest.raises(ValueError, match=r"Expected `minority` to be class indices in \[0, 7\)"):
+            M.minority_collapse(stats, weight, minority=bad)
