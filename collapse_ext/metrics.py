@@ -79,6 +79,8 @@ def _check_rows(rows: Any, name: str) -> torch.Tensor:
         raise ValueError(f"Expected `{name}` to be a 2-D (K, d) tensor, got shape {tuple(rows.shape)}")
     if not rows.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating tensor, got {rows.dtype}")
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError(f"Expected finite `{name}`, got NaN or Inf")
     return rows.detach().double()
 
 
@@ -95,6 +97,10 @@ def _check_bias(bias: Any, num_classes: int) -> torch.Tensor:
         raise TypeError(f"Expected `bias` to be a torch.Tensor, got {type(bias).__name__}")
     if tuple(bias.shape) != (num_classes,):
         raise ValueError(f"Expected `bias` of shape (K,) = ({num_classes},), got {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"Expected `bias` to be a floating tensor, got {bias.dtype}")
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError("Expected finite `bias`, got NaN or Inf")
     return bias.detach()
 
 

@@ -528,3 +528,20 @@ def test_numpy_integers_are_class_indices():
     for bad in ([1.0], [True], np.array([True, False]), torch.tensor([1.0]), 3):
         with pytest.raises(ValueError, match=r"Expected `minority` to be class indices in \[0, 7\)"):
             M.minority_collapse(stats, weight, minority=bad)
+
+
+def test_non_finite_weights_and_rows_are_refused():
+    x, y = random_problem(seed=26)
+    stats = stats_of(x, y, 7)
+    weight = torch.randn(7, 24)
+    weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="Expected finite `weight`, got NaN or Inf"):
+        collapse_metrics(stats, weight)
+    with pytest.raises(ValueError, match="Expected finite `weight`, got NaN or Inf"):
+        M.minority_collapse(stats, weight, minority=[1, 2])
+    with pytest.raises(ValueError, match="Expected finite `rows`, got NaN or Inf"):
+        M.etf_error(torch.tensor([[1.0, 0.0], [float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match="Expected finite `bias`, got NaN or Inf"):
+        collapse_metrics(stats, torch.randn(7, 24), torch.full((7,), float("nan")))
+    with pytest.raises(TypeError, match="Expected `bias` to be a floating tensor, got torch.int64"):
+        collapse_metrics(stats, torch.randn(7, 24), torch.zeros(7, dtype=torch.long))
