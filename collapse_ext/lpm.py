@@ -35,6 +35,8 @@ What the solver reproduces (tests/test_lpm.py):
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,14 +74,25 @@ def _choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     return value
 
 
+def _integral(value: Any) -> int | None:
+    """int(value) for any integral (int, numpy integer, 0-d integer tensor; not bool), else None."""
+    if isinstance(value, bool) or (hasattr(value, "dtype") and "bool" in str(value.dtype)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    index = _integral(value)
+    if index is None or index <= 0:
         raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
-    return value
+    return index
 
 
 def _positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"Expected `{name}` to be {kind} finite number, got {value!r}")
@@ -192,23 +205,32 @@ def _project(X: torch.Tensor, radius_sq: torch.Tensor) -> torch.Tensor:
 
 
 def kkt_residual(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, E_W, E_H, loss: str = "ce"):
-    """KKT residual (B,) and multipliers (B, 2) of the class-collapsed LPM at (W, H).
+    """Scale-free KKT residual (B,) and multipliers (B, 2) of the class-collapsed LPM at (W, H).
 
     Stationarity grad_W f + lam_W (2/K) W = 0 (same for H) with the least-squares
-    multiplier lam = max(0, -K <grad, X> / (2 ||X||^2)); the residual is the norm of
-    (stationarity residuals, lam * constraint value, constraint violation), float64.
+    multiplier lam = max(0, -K <grad, X> / (2 ||X||^2)) (returned in the units of the
+    problem). The residual is measured in the variables X^ = X / sqrt(K E_X), whose
+    constraint is the unit ball, and divided by the problem's gradient scale
+    S = K sqrt(E_W E_H) ||c||_2 (a bound on ||grad f|| there, up to the loss's bound on
+    dL/dz): the norm of (stationarity residuals / S, mu * constraint / S, constraint
+    violation) with mu = lam E_X and the constraint ||X^||^2 - 1. So it is dimensionless,
+    unchanged by a rescaling of the loss weights c and by (E_W, E_H) -> (a E_W, E_H / a)
+    with W, H rescaled accordingly; float64.
     """
-    W, H = W.double(), H.double()
+    W, H = W.detach().double(), H.detach().double()
     K = W.shape[1]
-    _, gW, gH = lpm_objective_grad_reference(W, H, weights, loss)
+    c = weights.detach().double()
+    _, gW, gH = lpm_objective_grad_reference(W, H, c, loss)
+    tiny = torch.finfo(torch.float64).tiny
+    levels = [torch.as_tensor(e, dtype=torch.float64, device=W.device) for e in (E_W, E_H)]
+    scale = (K * torch.sqrt(levels[0] * levels[1]) * c.norm(dim=-1)).clamp_min(tiny)
     parts, lams = [], []
-    for X, g, level in ((W, gW, E_W), (H, gH, E_H)):
-        level = torch.as_tensor(level, dtype=torch.float64, device=X.device)
+    for X, g, level in ((W, gW, levels[0]), (H, gH, levels[1])):
         norm_sq = (X * X).sum((1, 2))
-        lam = (-K * (g * X).sum((1, 2)) / (2 * norm_sq.clamp_min(torch.finfo(torch.float64).tiny))).clamp_min(0)
-        stationarity = g + (2 * lam / K)[:, None, None] * X
-        constraint = norm_sq / K - level
-        parts += [(stationarity**2).sum((1, 2)), (lam * constraint) ** 2, constraint.clamp_min(0) ** 2]
+        lam = (-K * (g * X).sum((1, 2)) / (2 * norm_sq.clamp_min(tiny))).clamp_min(0)
+        stationarity = ((g + (2 * lam / K)[:, None, None] * X) ** 2).sum((1, 2)) * (K * level)
+        constraint = norm_sq / (K * level) - 1.0
+        parts += [stationarity / scale**2, (lam * level * constraint / scale) ** 2, constraint.clamp_min(0) ** 2]
         lams.append(lam)
     return torch.sqrt(sum(parts)), torch.stack(lams, 1)
 
@@ -297,7 +319,8 @@ class LPMResult:
     """Solution of a batch of class-collapsed LPM instances; tensors are batched (B, ...).
 
     W, H: (B, K, p); objective, pg_norm (gradient-mapping norm), step: (B,);
-    iterations (B,) int64; converged (B,) bool; kkt (B,) KKT residual and multipliers
+    iterations (B,) int64; converged (B,) bool: the stopping rule was met and the
+    scale-free KKT residual is at most ``kkt_tol``; kkt (B,) that residual and multipliers
     (B, 2) (see ``kkt_residual``); weights (B, K) = c_k; E_W, E_H (B,).
     The optimum is unique only up to rotation: use the Gram matrices, norms and cosines.
     """
@@ -370,6 +393,7 @@ def solve(
     max_iter: int = 20000,
     tol: float = 1e-8,
     ftol: float | None = None,
+    kkt_tol: float | None = None,
     chunk: int = 100,
     seed: int = 0,
     device=None,
@@ -384,7 +408,11 @@ def solve(
     dim: feature dimension p (default K; the ETF needs p >= K - 1). loss: "ce" or "mse".
     method: "apgd" (accelerated, restarted) or "pgd". tol: stop when the
     projected-gradient norm is <= tol; ftol: or when the objective changes by at most
-    ftol * max(1, |f|) over a chunk (default 4 eps of ``dtype``). Instances start from
+    ftol * max(1, |f|) over a chunk (default 4 eps of ``dtype``). Both rules are absolute or
+    can be met by a step lost in rounding, so an instance counts as ``converged`` only when
+    the scale-free KKT residual (``kkt_residual``) is also <= kkt_tol (default 1e-6 for
+    float64, 1e-3 for float32). Budgets so large that the gradient's Lipschitz bound squared
+    overflows ``dtype`` are refused. Instances start from
     Gaussian points drawn from ``seed`` on the CPU, so results do not depend on ``device``.
     backend: "fused" (the ``lpm_step`` op) or "reference" (plain batched PyTorch).
     """
@@ -397,6 +425,9 @@ def solve(
     chunk = _positive_int(chunk, "chunk")
     tol = _positive_float(tol, "tol", allow_zero=True)
     ftol = 4 * torch.finfo(dtype).eps if ftol is None else _positive_float(ftol, "ftol", allow_zero=True)
+    if kkt_tol is None:
+        kkt_tol = 1e-6 if dtype == torch.float64 else 1e-3
+    kkt_tol = _positive_float(kkt_tol, "kkt_tol", allow_zero=True)
     n = _counts(counts)
     lw = None
     if loss_weights is not None:
@@ -416,7 +447,15 @@ def solve(
     if (weights.sum(1) <= 0).any():
         raise ValueError("Expected `loss_weights` to leave a positive weight in every instance")
     ew, eh = _per_instance(E_W, "E_W", B), _per_instance(E_H, "E_H", B)
-    step = 1.0 / lipschitz_bound(weights, ew, eh, loss)
+    bound = lipschitz_bound(weights, ew, eh, loss)
+    limit = math.sqrt(torch.finfo(dtype).max)
+    if not (bound < limit).all():
+        worst = int(torch.argmax(torch.nan_to_num(bound, nan=math.inf)))
+        raise ValueError(
+            f"Expected `E_W` and `E_H` small enough for {dtype} arithmetic, got E_W={float(ew[worst]):.3g}, "
+            f"E_H={float(eh[worst]):.3g} (Lipschitz bound {float(bound[worst]):.3g} >= {limit:.3g})"
+        )
+    step = 1.0 / bound
 
     gen = torch.Generator().manual_seed(int(seed))
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -430,6 +469,9 @@ def solve(
         stepper, (W0, H0), (W0, H0), theta, to(step), consts, max_iter=max_iter, tol=tol, ftol=ftol, chunk=chunk
     )
     kkt, multipliers = kkt_residual(W, H, consts[0], consts[1], consts[2], loss)
+    # A step lost in rounding (budgets far apart or huge) also "stalls": only a small
+    # scale-free KKT residual certifies an optimum.
+    converged = converged & (kkt <= kkt_tol).to(converged.device)
     return LPMResult(
         W=W,
         H=H,
@@ -599,6 +641,7 @@ def minority_stats(W: torch.Tensor, minority: torch.Tensor) -> dict[str, torch.T
     minority_norm and majority_norm (mean row norms), norm_ratio = their quotient, and
     minority_spread = max_{j,k minority} ||w_j - w_k||^2 / mean_k ||w_k||^2.
     """
+    W = W.detach()
     minority = minority.to(W.device)
     cos = _cosines(W)
     norms = W.norm(dim=2)
@@ -682,11 +725,23 @@ def _imbalanced_counts(K: int, K_A: int, ratios: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def _sweep_args(K, K_A, ratios):
+def _imbalance_classes(K, K_A) -> tuple[int, int]:
+    """K >= 3 classes of which K_A in [1, K - 2] are the majority: a ratio n_A / n_B needs
+    both groups, and the minority spread needs at least two minority rows (with one it is 0,
+    which would read as Minority Collapse at any ratio)."""
     K = _positive_int(K, "K")
-    K_A = _positive_int(K_A, "K_A")
-    if not 1 <= K_A <= K - 2:
-        raise ValueError(f"Expected `K_A` in [1, K - 2] (at least two minority classes), got K_A={K_A}, K={K}")
+    if K < 3:
+        raise ValueError(f"Expected `K` >= 3 (one majority and two minority classes at least), got {K}")
+    index = _integral(K_A)
+    if index is None or not 1 <= index <= K - 2:
+        raise ValueError(
+            f"Expected `K_A` in [1, K - 2] (at least one majority and two minority classes), got K_A={K_A!r}, K={K}"
+        )
+    return K, index
+
+
+def _sweep_args(K, K_A, ratios):
+    K, K_A = _imbalance_classes(K, K_A)
     r = torch.as_tensor(ratios, dtype=torch.float64).detach().cpu().flatten()
     if r.numel() == 0 or not torch.isfinite(r).all() or (r <= 0).any():
         raise ValueError(f"Expected `ratios` to be positive finite numbers, got {ratios!r}")
@@ -717,6 +772,8 @@ def minority_collapse_sweep(
     solve_kwargs go to ``solve`` (dim, loss, method, max_iter, tol, seed, device, dtype, ...).
     """
     K, K_A, r = _sweep_args(K, K_A, ratios)
+    if threshold and not float(r.min()) < float(r.max()):
+        raise ValueError(f"Expected at least two distinct `ratios` to bracket the threshold, got {r.tolist()}")
     counts = _imbalanced_counts(K, K_A, r)
     lw = None
     if oversample:
@@ -772,12 +829,15 @@ def estimate_threshold(
     once and keeps the bracket where the spread crosses ``spread_tol``, shrinking it by
     points + 1. Returns the geometric midpoint of the last bracket, ``hi`` side included;
     None when the spread at ``hi`` is still above the tolerance; ``lo`` when it is below there.
-    Assumes the spread decreases with R (Fang et al. 2021, Thm 5).
+    Assumes the spread decreases with R (Fang et al. 2021, Thm 5). Needs K >= 3 and
+    1 <= K_A <= K - 2 (a majority, and at least two minority rows to have a spread).
     """
+    K, K_A = _imbalance_classes(K, K_A)
     _positive_int(points, "points")
     _positive_int(rounds, "rounds")
     _positive_float(spread_tol, "spread_tol")
-    if not 0 < lo < hi:
+    lo, hi = _positive_float(lo, "lo"), _positive_float(hi, "hi")
+    if not lo < hi:
         raise ValueError(f"Expected 0 < `lo` < `hi`, got lo={lo!r}, hi={hi!r}")
     minority = torch.arange(K) >= K_A
 

@@ -13,12 +13,15 @@ Pairwise quantities (cosines, CDNV, kernels, minority blocks) come from the fuse
 ``pairwise_stats`` op, which reduces the K x K Gram matrix tile by tile and never holds
 it; NC4 comes from the fused ``nearest_centre`` op, which never holds the N x K distances.
 Everything is computed in float64 (weights and means are promoted), so the metrics are as
-exact as the statistics.
+exact as the statistics. Metrics never take part in autograd: every tensor that comes in
+(features, rows, weight, bias, means) is detached, so ``nn.Parameter`` weights work as is.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -76,7 +79,9 @@ def _check_rows(rows: Any, name: str) -> torch.Tensor:
         raise ValueError(f"Expected `{name}` to be a 2-D (K, d) tensor, got shape {tuple(rows.shape)}")
     if not rows.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating tensor, got {rows.dtype}")
-    return rows.double()
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError(f"Expected finite `{name}`, got NaN or Inf")
+    return rows.detach().double()
 
 
 def _check_weight(weight: Any, stats: ClassStats, name: str = "weight") -> torch.Tensor:
@@ -92,28 +97,73 @@ def _check_bias(bias: Any, num_classes: int) -> torch.Tensor:
         raise TypeError(f"Expected `bias` to be a torch.Tensor, got {type(bias).__name__}")
     if tuple(bias.shape) != (num_classes,):
         raise ValueError(f"Expected `bias` of shape (K,) = ({num_classes},), got {tuple(bias.shape)}")
-    return bias
+    if not bias.is_floating_point():
+        raise TypeError(f"Expected `bias` to be a floating tensor, got {bias.dtype}")
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError("Expected finite `bias`, got NaN or Inf")
+    return bias.detach()
 
 
 def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}")
     return float(value)
 
 
-def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One (features, labels) pair, or two equally long sequences of batches."""
-    if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor):
-        yield features, labels
-        return
-    if isinstance(features, torch.Tensor) or isinstance(labels, torch.Tensor):
-        raise TypeError("Expected `features` and `labels` to be both tensors or both sequences of batches")
-    features, labels = list(features), list(labels)
-    if len(features) != len(labels):
+def _rank_rtol(value: Any) -> float | None:
+    """None (the default tolerance) or a finite real number in [0, 1)."""
+    if value is None:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 <= value < 1:
+        raise ValueError(f"Expected `rtol` to be None or a finite number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_finite_rows(features: torch.Tensor, first_row: int = 0) -> None:
+    """Raise on NaN/Inf rows of features (N, d), naming the first one (a host sync)."""
+    bad = ~torch.isfinite(features).all(1)
+    if bool(bad.any()):
+        row = first_row + int(bad.nonzero()[0, 0])
+        raise ValueError(f"Expected finite `features`, got NaN or Inf in row {row}")
+
+
+def _check_features(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"Expected `labels` to be a torch.Tensor, got {type(y).__name__}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"Expected `features` to be a 2-D (N, d) floating tensor, got {x.dtype} {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"Expected as many `labels` batches as `features` batches, got {len(labels)} and {len(features)}"
+            f"Expected `labels` to be a ({x.shape[0]},) int32/int64 tensor like `features`, "
+            f"got {y.dtype} {tuple(y.shape)}"
         )
-    yield from zip(features, labels)
+    return x.detach(), y
+
+
+def _batches(features: Any, labels: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One (features, labels) pair, or two equally long sequences of batches; every batch
+    is checked (shapes, finite rows: the first bad row is named, counted over batches)."""
+    if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor):
+        pairs = [(features, labels)]
+    elif isinstance(features, torch.Tensor) or isinstance(labels, torch.Tensor):
+        raise TypeError("Expected `features` and `labels` to be both tensors or both sequences of batches")
+    else:
+        features, labels = list(features), list(labels)
+        if len(features) != len(labels):
+            raise ValueError(
+                f"Expected as many `labels` batches as `features` batches, got {len(labels)} and {len(features)}"
+            )
+        pairs = list(zip(features, labels))
+    checked, row = [], 0
+    for x, y in pairs:
+        x, y = _check_features(x, y)
+        _check_finite_rows(x, row)
+        row += x.shape[0]
+        checked.append((x, y))
+    yield from checked
 
 
 # ------------------------------------------------------------------ pairwise sums
@@ -155,7 +205,10 @@ def _pairwise(
 def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values s (r,) and right singular vectors V^T (r, d) of A = diag(sqrt(w)) M~,
     so that Sigma_B = A^T A and Sigma_B^+ = V S^-2 V^T; singular values at or below
-    rtol * s_max are dropped (rank tolerance; default max(K', d) * eps)."""
+    rtol * s_max are dropped (rank tolerance; default max(K', d) * eps), and at most K' - 1
+    are kept whatever the tolerance says: the rows of M~ sum to zero under the weights of
+    mu_G, so rank(A) <= K' - 1, and a K'-th singular value is only the rounding of a common
+    offset, whose 1/s^2 term would swamp the metric (r <= min(K' - 1, d))."""
     centred = stats.centred_means()
     kp = centred.shape[0]
     if kp < 2:
@@ -169,8 +222,8 @@ def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tup
     tol = rtol if rtol is not None else max(a.shape) * _EPS64
     if s.numel() == 0 or float(s[0]) == 0.0:
         raise UndefinedMetricError("all present class means coincide (Sigma_B = 0)")
-    keep = s > tol * s[0]
-    return s[keep], vh[keep]
+    keep = s[: kp - 1] > tol * s[0]
+    return s[: kp - 1][keep], vh[: kp - 1][keep]
 
 
 def _within_projection(stats: ClassStats, vh: torch.Tensor, features: Any, labels: Any, mode: str) -> torch.Tensor:
@@ -206,7 +259,8 @@ def nc1(
     """NC1 = tr(Sigma_W Sigma_B^+) / K' (Papyan, Han & Donoho 2020), Sigma_B class-weighted.
 
     Sigma_B^+ comes from the thin SVD of the centred means M~ = U S V^T (K' x d), with
-    singular values below ``rtol * s_max`` dropped (default rtol = max(K', d) * eps):
+    singular values below ``rtol * s_max`` dropped (default rtol = max(K', d) * eps) and at
+    most K' - 1 directions used (rank M~ <= K' - 1, so NC1 is translation invariant):
     nc1 = sum_j (v_j^T Sigma_W v_j) / s_j^2, no d x d matrix is ever inverted.
     ``mode="full"`` uses the accumulated S_W; ``"projected"`` makes a second pass over
     ``features`` (N, d) / ``labels`` (N,) (tensors, or sequences of batches: the data the
@@ -214,7 +268,7 @@ def nc1(
     is available when d x d does not fit (O(N d K)); ``"auto"`` picks full when S_W exists.
     """
     stats = _check_stats(stats)
-    s, vh = _between_basis(stats, "class", rtol)
+    s, vh = _between_basis(stats, "class", _rank_rtol(rtol))
     q = _within_projection(stats, vh, features, labels, mode)
     return float((q / (s * s)).sum()) / int(stats.present.sum())
 
@@ -232,7 +286,7 @@ def separation_fuzziness(
     sum_k (n_k/N)(mu_k - mu_G)(mu_k - mu_G)^T; no 1/K. Pseudo-inverse, rank tolerance and
     ``mode`` as in :func:`nc1`."""
     stats = _check_stats(stats)
-    s, vh = _between_basis(stats, "sample", rtol)
+    s, vh = _between_basis(stats, "sample", _rank_rtol(rtol))
     q = _within_projection(stats, vh, features, labels, mode)
     return float((q / (s * s)).sum())
 
@@ -427,9 +481,12 @@ def nearest_centre_counts(
     bias: torch.Tensor | None = None,
     *,
     present: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device, without a
-    host synchronisation (safe inside a training step); one fused ``nearest_centre`` pass.
+    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device; one fused
+    ``nearest_centre`` pass. NaN/Inf feature rows raise a ValueError naming the first one
+    (one host synchronisation); ``check_finite=False`` skips that check, for a sync-free
+    call inside a training step or ``torch.compile`` (the op then leaves such rows out).
 
     features (N, d) float; labels (N,) int32/int64 (rows outside [0, K) are not counted);
     means (K, d) float, the class centres (e.g. ``stats.means``, or last epoch's);
@@ -439,16 +496,30 @@ def nearest_centre_counts(
     counts argmin_k ||h - mu_k||^2 == y; mismatch counts argmin_k ||h - mu_k||^2 !=
     argmax_k (W h + b)_k (Papyan et al. 2020). Sum the counts over batches.
     """
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"Expected `features` to be a torch.Tensor, got {type(features).__name__}")
+    features, labels = _check_features(features, labels)
+    if check_finite:
+        _check_finite_rows(features)
     dev = features.device
-    moved = [t.to(dev) if t is not None else None for t in (means, weight, bias, present)]
-    return nearest_centre(features, labels.to(dev), *moved)[0]
+    moved = [t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in (means, weight, bias, present)]
+    return nearest_centre(features.detach(), labels.to(dev), *moved)[0]
+
+
+def _check_ncc_counts(counts: Any, name: str = "ncc_counts") -> torch.Tensor:
+    """(3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n."""
+    form = "a (3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n"
+    ok = isinstance(counts, torch.Tensor) and tuple(counts.shape) == (3,)
+    ok = ok and not counts.is_floating_point() and not counts.is_complex() and counts.dtype != torch.bool
+    if ok:
+        n, correct, mismatch = (int(v) for v in counts.tolist())
+        ok = n >= 0 and 0 <= correct <= n and 0 <= mismatch <= n
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {form}, got {counts!r}")
+    return counts.detach().cpu().long()
 
 
 def ncc_accuracy(counts: torch.Tensor) -> float:
     """NC4 nearest-class-centre accuracy ncc_correct / n from :func:`nearest_centre_counts`."""
-    n, correct, _ = (int(v) for v in counts.tolist())
+    n, correct, _ = (int(v) for v in _check_ncc_counts(counts, "counts").tolist())
     if n == 0:
         raise UndefinedMetricError("no samples were classified")
     return correct / n
@@ -457,7 +528,7 @@ def ncc_accuracy(counts: torch.Tensor) -> float:
 def ncc_mismatch(counts: torch.Tensor) -> float:
     """NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre differs from
     the classifier's prediction, from :func:`nearest_centre_counts` (computed with ``weight``)."""
-    n, _, mismatch = (int(v) for v in counts.tolist())
+    n, _, mismatch = (int(v) for v in _check_ncc_counts(counts, "counts").tolist())
     if n == 0:
         raise UndefinedMetricError("no samples were classified")
     return mismatch / n
@@ -485,11 +556,23 @@ def _minority_set(stats: ClassStats, minority: Any, threshold: float) -> list[in
         n = stats.counts
         cut = threshold * float(n.max())
         return [k for k in range(stats.num_classes) if bool(present[k]) and float(n[k]) < cut]
-    items = minority.tolist() if isinstance(minority, torch.Tensor) else list(minority)
+    bad = ValueError(f"Expected `minority` to be class indices in [0, {stats.num_classes}), got {minority!r}")
+    if isinstance(minority, torch.Tensor) and (minority.is_floating_point() or minority.dtype == torch.bool):
+        raise bad
+    try:
+        items = minority.tolist() if isinstance(minority, torch.Tensor) else list(minority)
+    except TypeError:
+        raise bad from None
+    indices = []
     for k in items:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < stats.num_classes:
-            raise ValueError(f"Expected `minority` to be class indices in [0, {stats.num_classes}), got {minority!r}")
-    return sorted({k for k in items if bool(present[k])})
+        try:
+            index = None if isinstance(k, bool) or "bool" in str(getattr(k, "dtype", "")) else operator.index(k)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < stats.num_classes:
+            raise bad
+        indices.append(index)
+    return sorted({k for k in indices if bool(present[k])})
 
 
 def _minority_parts(
@@ -712,14 +795,19 @@ def collapse_metrics(
     stats = _check_stats(stats)
     w = _check_weight(weight, stats) if weight is not None else None
     if bias is not None:
-        _check_bias(bias, stats.num_classes)
+        bias = _check_bias(bias, stats.num_classes)
         if w is None:
             raise ValueError("Expected `weight` together with `bias`, got only `bias`")
     if (features is None) != (labels is None):
         raise ValueError("Expected `features` and `labels` together, got only one of them")
-    if ncc_counts is not None and (not isinstance(ncc_counts, torch.Tensor) or tuple(ncc_counts.shape) != (3,)):
-        raise ValueError(f"Expected `ncc_counts` to be a (3,) tensor [n, ncc_correct, mismatch], got {ncc_counts!r}")
+    if features is not None:
+        # Checked once up front, and iterated twice (projected NC1, NC4): materialise.
+        batches = list(_batches(features, labels))
+        features, labels = [x for x, _ in batches], [y for _, y in batches]
+    if ncc_counts is not None:
+        ncc_counts = _check_ncc_counts(ncc_counts)
     p = _positive_float(cdnv_exponent, "cdnv_exponent")
+    rtol = _rank_rtol(rtol)
     stats.check_rejected()
     present = stats.present
     out = CollapseMetrics(

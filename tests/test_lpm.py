@@ -249,3 +249,102 @@ def test_bad_input_messages():
         lpm.minority_collapse_sweep(10, 5, [1.0, -2.0])
     with pytest.raises(ValueError, match=r"Expected `counts` to be \(K,\) positive integers for solve_full"):
         lpm.solve_full([1.5, 2.0])
+
+
+@pytest.mark.parametrize(
+    "K,K_A,match",
+    [
+        (4, 3, r"Expected `K_A` in \[1, K - 2\] .*got K_A=3, K=4"),
+        (4, 0, r"Expected `K_A` in \[1, K - 2\] .*got K_A=0, K=4"),
+        (4, -1, r"Expected `K_A` in \[1, K - 2\]"),
+        (4, 1.5, r"Expected `K_A` in \[1, K - 2\] .*got K_A=1.5"),
+        (4, True, r"Expected `K_A` in \[1, K - 2\]"),
+        (2, 1, r"Expected `K` >= 3"),
+        (0, 1, "Expected `K` to be a positive int"),
+    ],
+)
+def test_threshold_needs_a_majority_and_two_minority_classes(K, K_A, match):
+    # (4, 3) used to return 1.0 (one minority row has spread 0) and K_A = 0 returned None.
+    with pytest.raises(ValueError, match=match):
+        lpm.estimate_threshold(K, K_A, max_iter=10)
+    with pytest.raises(ValueError, match=match):
+        lpm.minority_collapse_sweep(K, K_A, [1.0, 2.0], max_iter=10)
+
+
+def test_threshold_bracket_is_validated():
+    with pytest.raises(ValueError, match=r"Expected 0 < `lo` < `hi`, got lo=10.0, hi=5.0"):
+        lpm.estimate_threshold(5, 2, lo=10.0, hi=5.0)
+    with pytest.raises(ValueError, match="Expected `hi` to be a positive finite number, got inf"):
+        lpm.estimate_threshold(5, 2, hi=float("inf"))
+    with pytest.raises(ValueError, match="Expected `lo` to be a positive finite number, got '1'"):
+        lpm.estimate_threshold(5, 2, lo="1")
+    with pytest.raises(ValueError, match="Expected at least two distinct `ratios` to bracket the threshold"):
+        lpm.minority_collapse_sweep(5, 2, [3.0, 3.0], threshold=True)
+
+
+def test_threshold_smallest_valid_problem():
+    # K = 3, K_A = 1: two minority rows; they collapse at a finite ratio.
+    R0 = lpm.estimate_threshold(3, 1, 1.0, 5.0, lo=1.0, hi=1e4, rounds=2)
+    assert R0 is not None and 1.0 < R0 < 1e4
+
+
+def test_overflowing_budgets_are_refused():
+    # E_W = 1e300 used to report converged=True with a KKT residual of 5e149.
+    with pytest.raises(ValueError, match=r"Expected `E_W` and `E_H` small enough for torch.float64 arithmetic"):
+        lpm.solve([3.0, 1.0, 1.0, 2.0], 1e300, 1.0)
+    with pytest.raises(ValueError, match=r"Expected `E_W` and `E_H` small enough for torch.float32 arithmetic"):
+        lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 1e25, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("E_W,E_H", [(1e150, 1e150), (1e-300, 1.0), (1.0, 1e-300)])
+def test_converged_is_judged_on_the_problem_scale(E_W, E_H):
+    # The gradient-mapping norm is 0 (the step is lost in rounding) or below tol only
+    # because a ball is tiny: the stopping rule fires, the scale-free KKT residual does not.
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], E_W, E_H, max_iter=300)
+    assert not res.converged.any()
+    assert (res.kkt > 1e-2).all()
+
+
+def test_kkt_residual_is_scale_free():
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 5.0, max_iter=300, tol=0.0, ftol=0.0)
+    base, lam = lpm.kkt_residual(res.W, res.H, res.weights, 1.0, 5.0)
+    assert 1e-12 < base.item() < 1e-3  # not yet converged: the comparison below is not 0 == 0
+    # Only E_W E_H matters: (E_W, E_H) -> (a E_W, E_H / a) with W, H rescaled ...
+    for a in (1e-8, 1e8):
+        moved, _ = lpm.kkt_residual(res.W * a**0.5, res.H / a**0.5, res.weights, a, 5.0 / a)
+        assert moved.item() == pytest.approx(base.item(), rel=1e-4)
+    # ... and so does a common factor on the loss weights (the multipliers scale with it).
+    scaled, lam2 = lpm.kkt_residual(res.W, res.H, 1e6 * res.weights, 1.0, 5.0)
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-4)
+    assert torch.allclose(lam2, 1e6 * lam, rtol=1e-9)
+
+
+def test_kkt_tol():
+    res = lpm.solve([3.0, 1.0, 1.0, 2.0], 1.0, 5.0, kkt_tol=0.0)
+    assert not res.converged.any() and res.kkt.item() > 0
+    with pytest.raises(ValueError, match="Expected `kkt_tol` to be a non-negative finite number"):
+        lpm.solve([1.0, 1.0], kkt_tol=float("nan"))
+
+
+def test_inputs_that_require_grad_are_detached():
+    res = lpm.solve([2.0, 1.0, 1.0], 1.0, 1.0)
+    W, H = res.W.clone().requires_grad_(), res.H.clone().requires_grad_()
+    kkt, lam = lpm.kkt_residual(W, H, res.weights, 1.0, 1.0)
+    assert not kkt.requires_grad and not lam.requires_grad
+    stats = lpm.minority_stats(W, torch.tensor([False, True, True]))
+    assert not any(v.requires_grad for v in stats.values())
+
+
+def test_numpy_integers_and_reals_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert lpm.simplex_etf(np.int64(4), np.int32(5)).shape == (4, 5)
+    res = lpm.solve([1.0, 1.0, 1.0], np.float32(1.0), dim=np.int64(3), max_iter=np.int64(2000), chunk=np.int16(50))
+    assert res.W.shape == (1, 3, 3) and res.converged.all()
+    assert lpm.balanced_prediction(np.int64(3), np.int64(1), np.float32(2.0))["norm_H"] == pytest.approx(2**0.5)
+    with pytest.raises(ValueError, match=r"Expected `K_A` in \[1, K - 2\]"):
+        lpm.estimate_threshold(np.int64(4), np.int64(3))
+    for bad in (4.0, True, np.bool_(True), np.float64(4.0)):
+        with pytest.raises(ValueError, match="Expected `K` to be a positive int"):
+            lpm.simplex_etf(bad)
+    with pytest.raises(ValueError, match="Expected `E_W` to be a positive finite number"):
+        lpm.balanced_prediction(3, True)

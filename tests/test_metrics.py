@@ -258,7 +258,8 @@ def test_nearest_centre_counts_compile_without_graph_breaks():
     means = class_stats_reference(x, y, 4)[1]
     weight = torch.randn(4, 8)
     f = torch.compile(nearest_centre_counts, fullgraph=True, backend="eager")
-    assert torch.equal(f(x, y, means, weight), nearest_centre_reference(x, y, means, weight)[0])
+    # check_finite=False: the NaN check is a host synchronisation (a data-dependent branch).
+    assert torch.equal(f(x, y, means, weight, check_finite=False), nearest_centre_reference(x, y, means, weight)[0])
 
 
 def test_bundle_uses_given_ncc_counts():
@@ -412,3 +413,135 @@ def test_low_precision_inputs(dtype, weight_dtype):
         assert getattr(r, name) == pytest.approx(expected[name], rel=1e-5), name
     counts, _ = nearest_centre_reference(low, y, stats_of(low, y, 4).means, weight.to(weight_dtype))
     assert r.ncc_mismatch == pytest.approx(counts[2].item() / 400)
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), float("inf"), 2.0, 1.0, -0.1, True, "1e-3", torch.tensor(0.1)])
+def test_rank_tolerance_is_validated(rtol):
+    x, y = random_problem(seed=20)
+    stats = stats_of(x, y, 7)
+    for fn in (M.nc1, M.separation_fuzziness, collapse_metrics):
+        with pytest.raises(ValueError, match=r"Expected `rtol` to be None or a finite number in \[0, 1\)"):
+            fn(stats, rtol=rtol)
+
+
+def test_rank_tolerance_accepts_real_numbers():
+    np = pytest.importorskip("numpy")
+    x, y = random_problem(seed=20)
+    stats = stats_of(x, y, 7)
+    base = M.nc1(stats)
+    for rtol in (0, 0.0, 1e-12, np.float64(1e-12), np.float32(1e-12)):
+        assert M.nc1(stats, rtol=rtol) == pytest.approx(base, rel=1e-12)
+    # A tolerance that drops directions is honoured (fewer 1/s^2 terms, smaller NC1).
+    assert M.nc1(stats, rtol=0.99) < base
+
+
+def test_parameters_that_require_grad_are_detached():
+    # nn.Parameter weights used to fail with "mm(): functions with out=... don't support
+    # automatic differentiation"; metrics never take part in autograd.
+    x, y = random_problem(n=300, d=24, k=7, seed=21)
+    stats = stats_of(x, y, 7)
+    lin = torch.nn.Linear(24, 7)
+    feats = x.clone().requires_grad_()
+    expected = collapse_metrics(stats, lin.weight.detach(), lin.bias.detach(), features=x, labels=y).to_dict()
+    got = collapse_metrics(stats, lin.weight, lin.bias, features=feats, labels=y).to_dict()
+    assert got == expected
+    projected = stats_of(x, y, 7, within_cov=False)
+    r = collapse_metrics(projected, lin.weight, lin.bias, features=[feats], labels=[y])
+    assert r.nc1 == pytest.approx(expected["nc1"], rel=1e-6)
+    for fn in (M.equinorm, M.mean_cosine, M.equiangularity, M.max_angle, M.etf_error, M.orthogonal_frame_error):
+        assert fn(lin.weight) == fn(lin.weight.detach()), fn.__name__
+    assert M.gnc2(lin.weight) == M.gnc2(lin.weight.detach())
+    centred = stats.centred_means()
+    assert M.self_duality(lin.weight, centred) == M.self_duality(lin.weight.detach(), centred)
+    assert M.minority_collapse(stats, lin.weight, minority=[0, 1]).spread is not None
+    counts = nearest_centre_counts(feats, y, stats.means, lin.weight, lin.bias)
+    assert not counts.requires_grad and counts[0].item() == 300
+    assert M.nc1(stats, features=feats, labels=y, mode="projected") == pytest.approx(expected["nc1"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_feature_rows_are_named(bad):
+    # NaN rows used to be skipped silently by nearest_centre_counts.
+    x, y = random_problem(n=300, d=24, k=7, seed=22)
+    stats = stats_of(x, y, 7)
+    xb = x.clone()
+    xb[237, 5] = bad
+    match = "Expected finite `features`, got NaN or Inf in row 237"
+    with pytest.raises(ValueError, match=match):
+        nearest_centre_counts(xb, y, stats.means, present=stats.present)
+    with pytest.raises(ValueError, match=match):
+        collapse_metrics(stats, features=list(xb.split(100)), labels=list(y.split(100)))
+    with pytest.raises(ValueError, match=match):
+        M.nc1(stats_of(x, y, 7, within_cov=False), features=xb, labels=y)
+    # Opting out keeps the op's behaviour (a NaN row is left out) and needs no host sync.
+    counts = nearest_centre_counts(xb, y, stats.means, present=stats.present, check_finite=False)
+    assert counts[0].item() == (299 if math.isnan(bad) else 300)
+
+
+def test_feature_batches_are_checked():
+    x, y = random_problem(n=100, d=24, k=7, seed=23)
+    stats = stats_of(x, y, 7)
+    with pytest.raises(ValueError, match=r"Expected `labels` to be a \(100,\) int32/int64 tensor"):
+        collapse_metrics(stats, features=x, labels=y.float())
+    with pytest.raises(ValueError, match=r"Expected `features` to be a 2-D \(N, d\) floating tensor"):
+        nearest_centre_counts(x.long(), y, stats.means)
+    with pytest.raises(TypeError, match="Expected `labels` to be a torch.Tensor, got list"):
+        nearest_centre_counts(x, y.tolist(), stats.means)
+    # Generators are iterated once: both the projected NC1 and the NC4 pass see the data.
+    plain = stats_of(x, y, 7, within_cov=False)
+    r = collapse_metrics(plain, features=(b for b in x.split(30)), labels=(b for b in y.split(30)))
+    assert r.nc1 == pytest.approx(M.nc1(stats), rel=1e-6) and r.ncc_accuracy is not None
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        torch.tensor([10, 11, 0]),
+        torch.tensor([10, 1, 11]),
+        torch.tensor([-1, 0, 0]),
+        torch.tensor([10, -1, 0]),
+        torch.tensor([10.0, 1.0, 0.0]),
+        torch.tensor([True, True, False]),
+        torch.tensor([10, 1]),
+        [10, 1, 0],
+    ],
+)
+def test_ncc_counts_are_validated(counts):
+    x, y = random_problem(n=100, d=24, k=7, seed=24)
+    stats = stats_of(x, y, 7)
+    with pytest.raises(ValueError, match=r"Expected `ncc_counts` to be a \(3,\) integer tensor \[n, ncc_correct"):
+        collapse_metrics(stats, torch.randn(7, 24), ncc_counts=counts)
+    with pytest.raises(ValueError, match=r"Expected `counts` to be a \(3,\) integer tensor"):
+        M.ncc_accuracy(counts)
+    assert collapse_metrics(stats, ncc_counts=torch.tensor([10, 10, 10], dtype=torch.int32)).ncc_accuracy == 1.0
+
+
+def test_numpy_integers_are_class_indices():
+    np = pytest.importorskip("numpy")
+    x, y = random_problem(seed=25)
+    stats = stats_of(x, y, 7)
+    weight = torch.randn(7, 24)
+    assert M.minority_collapse(stats, weight, minority=[np.int64(3), 4]).minority == [3, 4]
+    assert M.minority_collapse(stats, weight, minority=np.array([5, 6])).minority == [5, 6]
+    assert collapse_metrics(stats, weight, minority=np.arange(2)).minority_classes == [0, 1]
+    assert M.nc1_cdnv(stats, exponent=np.float32(2.0)) == pytest.approx(M.nc1_cdnv(stats, exponent=2.0))
+    for bad in ([1.0], [True], np.array([True, False]), torch.tensor([1.0]), 3):
+        with pytest.raises(ValueError, match=r"Expected `minority` to be class indices in \[0, 7\)"):
+            M.minority_collapse(stats, weight, minority=bad)
+
+
+def test_non_finite_weights_and_rows_are_refused():
+    x, y = random_problem(seed=26)
+    stats = stats_of(x, y, 7)
+    weight = torch.randn(7, 24)
+    weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="Expected finite `weight`, got NaN or Inf"):
+        collapse_metrics(stats, weight)
+    with pytest.raises(ValueError, match="Expected finite `weight`, got NaN or Inf"):
+        M.minority_collapse(stats, weight, minority=[1, 2])
+    with pytest.raises(ValueError, match="Expected finite `rows`, got NaN or Inf"):
+        M.etf_error(torch.tensor([[1.0, 0.0], [float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match="Expected finite `bias`, got NaN or Inf"):
+        collapse_metrics(stats, torch.randn(7, 24), torch.full((7,), float("nan")))
+    with pytest.raises(TypeError, match="Expected `bias` to be a floating tensor, got torch.int64"):
+        collapse_metrics(stats, torch.randn(7, 24), torch.zeros(7, dtype=torch.long))
