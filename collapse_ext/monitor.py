@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -46,10 +47,32 @@ _POOLS = ("avg", "max", "flatten")
 _STATE_VERSION = 1
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _index(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (int, numpy integer, 0-dim integer
+    tensor: anything with ``__index__``), None otherwise; bools are not integers here."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    out = _index(value)
+    if out is None or out <= 0:
         raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
-    return value
+    return out
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A bool (or numpy bool): ``bool("no")`` would silently be True."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"Expected `{name}` to be a bool, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- result
@@ -260,6 +283,15 @@ class _Layer:
         self.means = (means, present)
 
 
+def _out_features(classifier: nn.Module) -> int | None:
+    """The number of logits of a classifier with a (K, d) ``weight`` (None while unknown: no
+    weight, another shape, or a lazy module before its first forward)."""
+    w = getattr(classifier, "weight", None)
+    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter) or w.dim() != 2:
+        return None
+    return int(w.shape[0])
+
+
 def _has_kernel(op: str, device: torch.device) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
@@ -364,29 +396,37 @@ class CollapseMonitor:
         self.model = model
         self.num_classes = _positive_int(num_classes, "num_classes")
         self.every = _positive_int(every, "every")
-        if within_cov not in (True, False, "auto"):
+        if not (isinstance(within_cov, bool) or within_cov == "auto"):
             raise ValueError(f"Expected `within_cov` to be True, False or 'auto', got {within_cov!r}")
         self.within_cov = within_cov
         self.max_cov_dim = _positive_int(max_cov_dim, "max_cov_dim")
-        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
+        buffer = _index(buffer_bytes)
+        if buffer is None or buffer < 0:
             raise ValueError(f"Expected `buffer_bytes` to be a non-negative int, got {buffer_bytes!r}")
-        self.buffer_bytes = buffer_bytes
-        self.train_ncc = bool(train_ncc)
+        self.buffer_bytes = buffer
+        self.train_ncc = _flag(train_ncc, "train_ncc")
         if check not in (None, "strict", "deferred"):
             raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
         self.check = check
-        self.minority = None if minority is None else [int(c) for c in minority]
-        self.minority_threshold = float(minority_threshold)
-        self.sync = bool(sync)
+        self.minority = None if minority is None else self._minority(minority)
+        threshold = minority_threshold
+        if _index(threshold) is None and not isinstance(threshold, float):
+            threshold = math.nan
+        if not 0 < threshold <= 1:
+            raise ValueError(f"Expected `minority_threshold` to be a number in (0, 1], got {minority_threshold!r}")
+        self.minority_threshold = float(threshold)
+        self.sync = _flag(sync, "sync")
         self.process_group = process_group
         self.loggers = list(loggers)
         for logger in self.loggers:
             if not callable(getattr(logger, "log", None)):
                 raise TypeError(f"Expected every logger to have a log(result) method, got {type(logger).__name__}")
-        self.log_all_ranks = bool(log_all_ranks)
+        self.log_all_ranks = _flag(log_all_ranks, "log_all_ranks")
+        penultimate = _flag(penultimate, "penultimate")
 
         self._named = self._named_modules(model)
         self.classifier, classifier_name = self._resolve(classifier, "classifier")
+        self._check_out_features(_out_features(self.classifier), classifier_name)
         modules = self._layer_modules(layers)
         if not penultimate and not modules:
             raise ValueError("Expected at least one layer to monitor: penultimate=False and no `layers`")
@@ -420,6 +460,23 @@ class CollapseMonitor:
         self.classifier_name = classifier_name
 
     # -------------------------------------------------------------- construction
+    def _minority(self, minority: Any) -> list[int]:
+        items = minority.tolist() if isinstance(minority, torch.Tensor) else minority
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise ValueError(f"Expected `minority` to be class indices in [0, {self.num_classes}), got {minority!r}")
+        items = list(items)
+        out = [_index(c) for c in items]
+        if any(c is None or not 0 <= c < self.num_classes for c in out):
+            raise ValueError(f"Expected `minority` to be class indices in [0, {self.num_classes}), got {items!r}")
+        return out
+
+    def _check_out_features(self, out_features: int | None, name: str) -> None:
+        if out_features is not None and out_features != self.num_classes:
+            raise ValueError(
+                f"Expected `num_classes` to equal the out_features {out_features} of the classifier {name!r}, "
+                f"got {self.num_classes}"
+            )
+
     @staticmethod
     def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         inner = getattr(model, "module", None)
@@ -537,8 +594,9 @@ class CollapseMonitor:
     def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._active() or PENULTIMATE not in self.layer_names:
             return
-        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] != self.num_classes:
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
             return
+        self._check_out_features(output.shape[1], self.classifier_name)
         pred = output.detach().argmax(1)
         if self._labels is not None:
             if self._recording:

@@ -580,3 +580,61 @@ def test_train_ncc_off_leaves_nc4_to_evaluate():
         m = mon.compute()[PENULTIMATE]
     assert m.ncc_accuracy is None and "train_ncc=False" in m.undefined["ncc_accuracy"]
     assert mon.evaluate([(x, y)])[PENULTIMATE].ncc_accuracy is not None
+
+
+# ---------------------------------------------------------------- construction
+def test_num_classes_must_match_the_classifier():
+    model = _mlp()  # fc: Linear(24, 5)
+    with pytest.raises(ValueError, match="Expected `num_classes` to equal the out_features 5 of the classifier 'fc'"):
+        CollapseMonitor(model, classifier="fc", num_classes=7)
+    torch.manual_seed(0)
+    lazy = nn.Sequential()
+    lazy.add_module("lin", nn.Linear(4, 6))
+    lazy.add_module("fc", nn.LazyLinear(3))
+    CollapseMonitor(lazy, classifier="fc", num_classes=4)
+    with pytest.raises(ValueError, match="Expected `num_classes` to equal the out_features 3 of the classifier 'fc'"):
+        lazy(torch.randn(8, 4))
+
+
+def test_numpy_integers_accepted_and_bools_refused():
+    np = pytest.importorskip("numpy")
+    model = _mlp().eval()
+    mon = CollapseMonitor(
+        model,
+        classifier="fc",
+        num_classes=np.int64(5),
+        every=np.int32(2),
+        max_cov_dim=np.int64(30),
+        buffer_bytes=np.int64(4096),
+        minority=[np.int64(3), 4],
+    )
+    assert type(mon.num_classes) is int and mon.num_classes == 5 and mon.every == 2
+    x, y = _data()
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+    for name in ("num_classes", "every", "max_cov_dim"):
+        kwargs = {"classifier": "fc", "num_classes": 5, name: True}
+        with pytest.raises(ValueError, match=f"Expected `{name}` to be a positive int, got True"):
+            CollapseMonitor(model, **kwargs)
+    with pytest.raises(ValueError, match="Expected `num_classes` to be a positive int, got 5.0"):
+        CollapseMonitor(model, classifier="fc", num_classes=5.0)
+    with pytest.raises(ValueError, match="Expected `buffer_bytes` to be a non-negative int, got False"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, buffer_bytes=False)
+
+
+def test_other_arguments_accepted_silently_but_wrong_are_refused():
+    model = _mlp()
+    base = dict(classifier="fc", num_classes=5)
+    with pytest.raises(ValueError, match="Expected `within_cov` to be True, False or 'auto', got 1"):
+        CollapseMonitor(model, **base, within_cov=1)
+    with pytest.raises(ValueError, match="Expected `minority` to be class indices in \\[0, 5\\), got \\[1.5\\]"):
+        CollapseMonitor(model, **base, minority=[1.5])
+    with pytest.raises(ValueError, match="Expected `minority` to be class indices in \\[0, 5\\), got \\[0, 5\\]"):
+        CollapseMonitor(model, **base, minority=[0, 5])
+    with pytest.raises(ValueError, match="Expected `minority_threshold` to be a number in \\(0, 1\\], got nan"):
+        CollapseMonitor(model, **base, minority_threshold=float("nan"))
+    for name in ("train_ncc", "sync", "log_all_ranks", "penultimate"):
+        with pytest.raises(TypeError, match=f"Expected `{name}` to be a bool, got 'no'"):
+            CollapseMonitor(model, **base, **{name: "no"})
