@@ -561,6 +561,9 @@ class CollapseMonitor:
         x = value.detach()
         if x.dim() > 2:
             x = self._pools[key](x)
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"Expected the `pool` of layer {key!r} to return a Tensor, got {type(x).__name__}")
+            x = x.detach()  # a pool with parameters would otherwise keep a graph in the buffer
         if x.dim() != 2:
             raise ValueError(f"Expected layer {key!r} features of shape (N, d) after pooling, got {tuple(x.shape)}")
         return x

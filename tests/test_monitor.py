@@ -638,3 +638,38 @@ def test_other_arguments_accepted_silently_but_wrong_are_refused():
     for name in ("train_ncc", "sync", "log_all_ranks", "penultimate"):
         with pytest.raises(TypeError, match=f"Expected `{name}` to be a bool, got 'no'"):
             CollapseMonitor(model, **base, **{name: "no"})
+
+
+# --------------------------------------------------------------------- autograd
+def test_statistics_keep_no_autograd_graph():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
+    model.add_module("act", nn.ReLU())
+    model.add_module("gap", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(4, 3))
+    proj = nn.Linear(4, 2)  # a learnable pool: its output would carry a graph
+    mon = CollapseMonitor(
+        model, classifier="fc", num_classes=3, layers=["act"], pool={"act": lambda t: proj(t.mean((2, 3)))}
+    )
+    refs = []
+    model.act.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    x, y = torch.randn(6, 3, 5, 5), torch.arange(6) % 3
+    for api in ("update", "collect"):
+        if api == "update":
+            out = model(x)
+            mon.update(y)
+        else:
+            with mon.collect(y):
+                out = model(x)
+        out.sum().backward()
+        for layer in mon._session.layers.values():
+            assert layer.buf.grad_fn is None and not layer.buf.requires_grad
+        del out
+        gc.collect()
+        assert refs[-1]() is None, api
+    assert mon.compute()["act"].num_samples == 12
