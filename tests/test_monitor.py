@@ -722,6 +722,59 @@ def test_failed_flush_leaves_the_buffer_as_it_was(monkeypatch):
     assert mon.compute()[PENULTIMATE].num_samples == len(y)
 
 
+# ------------------------------------------------------------------ load_state_dict
+def _corruptions(state):
+    def edit(fn):
+        s = copy.deepcopy(state)
+        fn(s)
+        return s
+
+    pen = PENULTIMATE
+    yield "version", edit(lambda s: s.update(version=99))
+    yield "missing key", edit(lambda s: s.pop("history"))
+    yield "layer names", edit(lambda s: s.update(layer_names=["block1"]))
+    yield "num_classes", edit(lambda s: s.update(num_classes=6))
+    yield "layers keys", edit(lambda s: s["layers"].pop("block1"))
+    yield "negative counts", edit(lambda s: s["layers"][pen]["stats"]["counts"].__setitem__(0, -3))
+    yield "float counts", edit(lambda s: s["layers"][pen]["stats"].update(counts=torch.ones(5)))
+    yield "means shape", edit(lambda s: s["layers"][pen]["stats"].update(means=torch.zeros(5, 7, dtype=torch.float64)))
+    yield "within_cov", edit(lambda s: s["layers"][pen]["stats"].update(within_cov=False))
+    yield "stats num_classes", edit(lambda s: s["layers"][pen]["stats"].update(num_classes=4))
+    yield "ncc shape", edit(lambda s: s["layers"][pen].update(ncc=torch.zeros(2, dtype=torch.int64)))
+    yield "rows dim", edit(lambda s: s["layers"][pen].update(rows=s["layers"][pen]["rows"][:, :3]))
+    yield "labels range", edit(lambda s: s["layers"][pen]["labels"].__setitem__(0, 17))
+    yield "prev shape", edit(lambda s: s["prev"][pen].update(means=torch.zeros(5, 3, dtype=torch.float64)))
+    yield "prev layer", edit(lambda s: s["prev"].update(nope=s["prev"][pen]))
+    yield "history", edit(lambda s: s["history"].append({"epoch": 1}))
+    yield "epoch", edit(lambda s: s.update(epoch=-1))
+
+
+def test_load_state_dict_is_atomic():
+    x, y = _data()
+    batches = _batches(x, y, 24)
+    kwargs = dict(classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=4000)
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, **kwargs)
+    twin = CollapseMonitor(copy.deepcopy(model), **kwargs)
+    for m in (mon, twin):
+        with torch.no_grad():
+            for xb, yb in batches:
+                m.model(xb)
+                m.update(yb)
+        m.compute()
+        for xb, yb in batches[:5]:
+            with torch.no_grad():
+                m.model(xb)
+            m.update(yb)
+    state = mon.state_dict()
+    assert state["layers"][PENULTIMATE]["rows"] is not None
+    for what, bad in _corruptions(state):
+        with pytest.raises((ValueError, TypeError), match="Expected"):
+            mon.load_state_dict(bad)
+        assert mon._epoch == 1 and len(mon.history) == 1, what
+    _same_result(mon.compute(), twin.compute())
+
+
 # ---------------------------------------------------------------- construction
 def test_num_classes_must_match_the_classifier():
     model = _mlp()  # fc: Linear(24, 5)
