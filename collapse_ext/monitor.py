@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -46,10 +47,32 @@ _POOLS = ("avg", "max", "flatten")
 _STATE_VERSION = 1
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _index(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (int, numpy integer, 0-dim integer
+    tensor: anything with ``__index__``), None otherwise; bools are not integers here."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    out = _index(value)
+    if out is None or out <= 0:
         raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
-    return value
+    return out
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A bool (or numpy bool): ``bool("no")`` would silently be True."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"Expected `{name}` to be a bool, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- result
@@ -186,78 +209,220 @@ class _Layer:
     Captured rows are copied into a preallocated buffer (one copy, no allocation) and
     reduced when it is full: large reductions keep the per-row cost of S_W at GEMM speed
     and run the O(K d^2) Chan merge once per buffer instead of once per batch.
+
+    Every batch is validated when it is captured. ``check="strict"`` raises there (one host
+    read) and records nothing of it. ``check="deferred"`` computes the batch's validity on
+    the device (finite features, labels in [0, K)) and, for a bad batch, zeroes its rows
+    and gives them the label K: the accumulator has K + 1 classes, and class K (rows of
+    zeros about their own zero mean) adds nothing to counts, means, ss_k or S_W of the
+    classes 0..K-1, so one reduction of the whole buffer drops exactly those rows without
+    a host synchronisation. ``dropped`` counts them [batches, rows] for ``compute()``.
     """
 
     def __init__(self, monitor: CollapseMonitor) -> None:
         self.monitor = monitor
-        self.stats: ClassStats | None = None
+        self.acc: ClassStats | None = None  # K + 1 classes (class K: rows of dropped batches)
+        self.check = "strict"
         self.buf: torch.Tensor | None = None
         self.lab: torch.Tensor | None = None
         self.pred: torch.Tensor | None = None
         self.fill = 0
-        self.last_rows: tuple[int, int] | None = None
+        # first buffered row of the batch being recorded (and the drop counts before it):
+        # an error inside the batch rolls back to there
+        self.batch_start = 0
+        self.batch_dropped: torch.Tensor | None = None
+        self.last_rows: tuple[int, int, torch.Tensor | None] | None = None
         self.ncc: torch.Tensor | None = None
+        self.dropped: torch.Tensor | None = None
         self.means: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ncc_only = False
+
+    @property
+    def stats(self) -> ClassStats | None:
+        """The K-class statistics of the reduced rows (a copy; ``None`` before the first batch)."""
+        return None if self.acc is None else _drop_class(self.acc, self.monitor.num_classes)
 
     def allocate(self, dim: int, device: torch.device) -> None:
         mon = self.monitor
         cov = mon.within_cov if isinstance(mon.within_cov, bool) else dim <= mon.max_cov_dim
-        check = mon.check or ("deferred" if device.type == "cuda" else "strict")
+        self.check = mon.check or ("deferred" if device.type == "cuda" else "strict")
         with torch.inference_mode(False):
-            self.stats = ClassStats(mon.num_classes, dim, device=device, within_cov=cov, check=check)
+            self.acc = ClassStats(mon.num_classes + 1, dim, device=device, within_cov=cov, check=self.check)
             self.ncc = torch.zeros(3, dtype=torch.int64, device=device)
+            self.dropped = torch.zeros(2, dtype=torch.int64, device=device)
+        self.batch_dropped = self.dropped
 
-    def capture(self, name: str, x: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.stats is None:
-            self.allocate(x.shape[1], x.device)
-        elif x.shape[1] != self.stats.dim:
+    def begin_batch(self) -> None:
+        self.batch_start = self.fill
+        self.batch_dropped = self.dropped
+
+    def rollback(self) -> None:
+        """Forget what the batch being recorded captured (it failed)."""
+        self.fill = self.batch_start
+        self.last_rows = None
+        self.dropped = self.batch_dropped
+
+    def validate(self, name: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check a batch before anything of it is recorded: shapes, dtype, device, and (strict)
+        finite features and labels in [0, K). Returns the labels on the features' device and,
+        in deferred mode, the batch's validity as a 0-dim bool tensor on the device."""
+        k = self.monitor.num_classes
+        if labels.shape[0] != x.shape[0]:
             raise ValueError(
-                f"Expected layer {name!r} to give features of dim {self.stats.dim} like its first batch, "
+                f"Expected labels for the {x.shape[0]} rows layer {name!r} saw in this forward, got {labels.shape[0]}"
+            )
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"Expected layer {name!r} features to be float16/bfloat16/float32/float64, got {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError(f"Expected layer {name!r} features of shape (N, d) with d > 0, got {tuple(x.shape)}")
+        if self.acc is not None and x.shape[1] != self.acc.dim:
+            raise ValueError(
+                f"Expected layer {name!r} to give features of dim {self.acc.dim} like its first batch, "
                 f"got {tuple(x.shape)}"
             )
-        if x.device != self.stats.device:
-            raise ValueError(f"Expected layer {name!r} features on {self.stats.device}, got {x.device}")
+        if self.acc is not None and x.device != self.acc.device:
+            raise ValueError(f"Expected layer {name!r} features on {self.acc.device}, got {x.device}")
+        check = (
+            self.check
+            if self.acc is not None
+            else self.monitor.check or ("deferred" if x.device.type == "cuda" else "strict")
+        )
+        labels = labels.to(x.device, non_blocking=True)
+        if check == "strict":
+            if labels.numel() and not bool(((labels >= 0) & (labels < k)).all()):
+                lo, hi = int(labels.min()), int(labels.max())
+                raise ValueError(f"Expected `labels` in [0, {k}), got values in [{lo}, {hi}]")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"Expected finite features of layer {name!r}, got NaN or Inf")
+            return labels, None
+        return labels, torch.isfinite(x).all() & ((labels >= 0) & (labels < k)).all()
+
+    def capture(self, x: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None) -> None:
+        """Append a validated batch (``ok``: its device-side validity in deferred mode)."""
+        if self.acc is None:
+            self.allocate(x.shape[1], x.device)
         n = x.shape[0]
         if self.buf is not None and (self.buf.dtype != x.dtype or self.fill + n > self.buf.shape[0]):
-            self.flush()
-        if self.buf is None or self.buf.dtype != x.dtype or self.buf.shape[0] < n:
-            rows = max(self.monitor.buffer_bytes // max(x.shape[1] * x.element_size(), 1), n)
-            with torch.inference_mode(False):
-                self.buf = torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device)
-                self.lab = torch.empty(rows, dtype=torch.int64, device=x.device)
-                self.pred = torch.empty(rows, dtype=torch.int64, device=x.device)
-        end = self.fill + n
-        self.buf[self.fill : end].copy_(x)
-        self.lab[self.fill : end].copy_(labels, non_blocking=True)
-        self.pred[self.fill : end].fill_(-1)
-        self.last_rows = (self.fill, n)
+            self.flush(upto=self.batch_start)
+        if self.buf is None or self.buf.dtype != x.dtype or self.fill + n > self.buf.shape[0]:
+            self._grow(x, self.fill + n)
+        start, end = self.fill, self.fill + n
+        self.buf[start:end].copy_(x)
+        self.lab[start:end].copy_(labels)
+        self.pred[start:end].fill_(-1)
+        if ok is not None:
+            bad = ~ok
+            self.buf[start:end].masked_fill_(bad, 0)
+            self.lab[start:end].masked_fill_(bad, self.monitor.num_classes)
+            self.dropped = self.dropped + torch.stack([bad.long(), bad.long() * n])
+        self.last_rows = (start, n, ok)
         self.fill = end
+
+    def _grow(self, x: torch.Tensor, need: int) -> None:
+        """A buffer for at least ``need`` rows that keeps the rows already buffered (those of
+        the batch being recorded, after a flush)."""
+        dtype = x.dtype if self.fill == 0 else torch.promote_types(self.buf.dtype, x.dtype)
+        width = x.shape[1] * torch.empty((), dtype=dtype).element_size()
+        rows = max(self.monitor.buffer_bytes // width, need)
+        with torch.inference_mode(False):
+            buf = torch.empty(rows, x.shape[1], dtype=dtype, device=x.device)
+            lab = torch.empty(rows, dtype=torch.int64, device=x.device)
+            pred = torch.empty(rows, dtype=torch.int64, device=x.device)
+        if self.fill:
+            buf[: self.fill].copy_(self.buf[: self.fill])
+            lab[: self.fill].copy_(self.lab[: self.fill])
+            pred[: self.fill].copy_(self.pred[: self.fill])
+        self.buf, self.lab, self.pred = buf, lab, pred
 
     def set_predictions(self, pred: torch.Tensor) -> None:
         """Predictions (argmax of the logits) of the forward whose rows were captured last."""
         if self.last_rows is None or pred.shape[0] != self.last_rows[1]:
             return
-        start, n = self.last_rows
-        self.pred[start : start + n].copy_(pred)
+        start, n, ok = self.last_rows
+        rows = self.pred[start : start + n]
+        rows.copy_(pred)
+        if ok is not None:
+            rows.masked_fill_(~ok, -1)
 
-    def flush(self) -> None:
-        if self.fill == 0:
-            return
-        n, self.fill, self.last_rows = self.fill, 0, None
-        x, y, pred = self.buf[:n], self.lab[:n], self.pred[:n]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(torch.autocast(x.device.type, enabled=False))
-            if not self.ncc_only:
-                self.stats.update(x, y)
-            if self.means is not None:
-                self.ncc += _ncc_counts(x, y, *self.means, pred, self.monitor.num_classes)
+    def flush(self, upto: int | None = None) -> None:
+        """Reduce the buffered rows [0, upto) (default: all) and keep the rest at the front.
+        The buffer changes only once the reduction succeeded."""
+        end = self.fill if upto is None else upto
+        if end > 0:
+            x, y, pred = self.buf[:end], self.lab[:end], self.pred[:end]
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.autocast(x.device.type, enabled=False))
+                ncc = self.ncc
+                if self.means is not None:
+                    ncc = ncc + _ncc_counts(x, y, *self.means, pred, self.monitor.num_classes)
+                if not self.ncc_only:
+                    self.acc.update(x, y)
+                self.ncc = ncc
+        rest = self.fill - end
+        if rest and end:
+            for t in (self.buf, self.lab, self.pred):
+                t[:rest].copy_(t[end : self.fill].clone())
+        self.fill = rest
+        self.batch_start = max(self.batch_start - end, 0)
+        if self.last_rows is not None:
+            start, n, ok = self.last_rows
+            self.last_rows = (start - end, n, ok) if start >= end else None
 
     def set_means(self, means: torch.Tensor, present: torch.Tensor) -> None:
         """Class centres for NC4: means (K, d) float64, present (K,) bool."""
         self.means = (means, present)
+
+
+def _drop_class(acc: ClassStats, k: int) -> ClassStats:
+    """The statistics of classes 0..k-1 of ``acc`` as a k-class ClassStats."""
+    state = acc.state_dict()
+    state.update(num_classes=k, counts=state["counts"][:k], means=state["means"][:k], sqdev=state["sqdev"][:k])
+    out = ClassStats(k, acc.dim, device=acc.device, within_cov=acc.within_cov_enabled)
+    out.load_state_dict(state)
+    return out
+
+
+def _add_class(stats: ClassStats, check: str) -> ClassStats:
+    """``stats`` with one more, empty class (the accumulator of a monitored layer)."""
+    state = stats.state_dict()
+    k, dev = stats.num_classes, stats.device
+    state.update(
+        num_classes=k + 1,
+        counts=torch.cat([state["counts"], torch.zeros(1, dtype=torch.int64, device=dev)]),
+        means=torch.cat([state["means"], torch.zeros(1, stats.dim, dtype=torch.float64, device=dev)]),
+        sqdev=torch.cat([state["sqdev"], torch.zeros(1, dtype=torch.float64, device=dev)]),
+    )
+    out = ClassStats(k + 1, stats.dim, device=dev, within_cov=stats.within_cov_enabled, check=check)
+    out.load_state_dict(state)
+    return out
+
+
+def _tensor(value: Any, what: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"Expected {what} to be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != shape or value.dtype not in dtypes:
+        names = "/".join(str(t).removeprefix("torch.") for t in dtypes)
+        raise ValueError(f"Expected {what} of shape {shape} and dtype {names}, got {tuple(value.shape)} {value.dtype}")
+    return value
+
+
+def _counts(value: Any, what: str, n: int) -> torch.Tensor:
+    """A checked (n,) int64 tensor of non-negative counts."""
+    value = _tensor(value, what, (n,), (torch.int64,))
+    if bool((value < 0).any()):
+        raise ValueError(f"Expected {what} to be non-negative counts, got {value.tolist()}")
+    return value
+
+
+def _out_features(classifier: nn.Module) -> int | None:
+    """The number of logits of a classifier with a (K, d) ``weight`` (None while unknown: no
+    weight, another shape, or a lazy module before its first forward)."""
+    w = getattr(classifier, "weight", None)
+    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter) or w.dim() != 2:
+        return None
+    return int(w.shape[0])
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -298,6 +463,32 @@ class _Session:
     def flush(self) -> None:
         for layer in self.layers.values():
             layer.flush()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Scope of one recorded batch: if it fails, nothing of it stays recorded."""
+        for layer in self.layers.values():
+            layer.begin_batch()
+        try:
+            yield
+        except BaseException:
+            for layer in self.layers.values():
+                layer.rollback()
+            raise
+
+    def check_dropped(self, num_classes: int) -> None:
+        """Raise if the deferred check dropped batches (one host read per layer)."""
+        lines = []
+        for name, layer in self.layers.items():
+            if layer.dropped is not None:
+                batches, rows = layer.dropped.tolist()
+                if batches:
+                    lines.append(f"{batches} batch(es) ({rows} rows) were dropped at layer {name!r}")
+        if lines:
+            raise ValueError(
+                "; ".join(lines) + f": labels outside [0, {num_classes}) or NaN/Inf features (check='deferred'); "
+                "the other batches are kept, monitor.reset() starts the measurement over"
+            )
 
 
 # -------------------------------------------------------------------------- monitor
@@ -364,29 +555,37 @@ class CollapseMonitor:
         self.model = model
         self.num_classes = _positive_int(num_classes, "num_classes")
         self.every = _positive_int(every, "every")
-        if within_cov not in (True, False, "auto"):
+        if not (isinstance(within_cov, bool) or within_cov == "auto"):
             raise ValueError(f"Expected `within_cov` to be True, False or 'auto', got {within_cov!r}")
         self.within_cov = within_cov
         self.max_cov_dim = _positive_int(max_cov_dim, "max_cov_dim")
-        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
+        buffer = _index(buffer_bytes)
+        if buffer is None or buffer < 0:
             raise ValueError(f"Expected `buffer_bytes` to be a non-negative int, got {buffer_bytes!r}")
-        self.buffer_bytes = buffer_bytes
-        self.train_ncc = bool(train_ncc)
+        self.buffer_bytes = buffer
+        self.train_ncc = _flag(train_ncc, "train_ncc")
         if check not in (None, "strict", "deferred"):
             raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
         self.check = check
-        self.minority = None if minority is None else [int(c) for c in minority]
-        self.minority_threshold = float(minority_threshold)
-        self.sync = bool(sync)
+        self.minority = None if minority is None else self._minority(minority)
+        threshold = minority_threshold
+        if _index(threshold) is None and not isinstance(threshold, float):
+            threshold = math.nan
+        if not 0 < threshold <= 1:
+            raise ValueError(f"Expected `minority_threshold` to be a number in (0, 1], got {minority_threshold!r}")
+        self.minority_threshold = float(threshold)
+        self.sync = _flag(sync, "sync")
         self.process_group = process_group
         self.loggers = list(loggers)
         for logger in self.loggers:
             if not callable(getattr(logger, "log", None)):
                 raise TypeError(f"Expected every logger to have a log(result) method, got {type(logger).__name__}")
-        self.log_all_ranks = bool(log_all_ranks)
+        self.log_all_ranks = _flag(log_all_ranks, "log_all_ranks")
+        penultimate = _flag(penultimate, "penultimate")
 
         self._named = self._named_modules(model)
         self.classifier, classifier_name = self._resolve(classifier, "classifier")
+        self._check_out_features(_out_features(self.classifier), classifier_name)
         modules = self._layer_modules(layers)
         if not penultimate and not modules:
             raise ValueError("Expected at least one layer to monitor: penultimate=False and no `layers`")
@@ -420,6 +619,23 @@ class CollapseMonitor:
         self.classifier_name = classifier_name
 
     # -------------------------------------------------------------- construction
+    def _minority(self, minority: Any) -> list[int]:
+        items = minority.tolist() if isinstance(minority, torch.Tensor) else minority
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise ValueError(f"Expected `minority` to be class indices in [0, {self.num_classes}), got {minority!r}")
+        items = list(items)
+        out = [_index(c) for c in items]
+        if any(c is None or not 0 <= c < self.num_classes for c in out):
+            raise ValueError(f"Expected `minority` to be class indices in [0, {self.num_classes}), got {items!r}")
+        return out
+
+    def _check_out_features(self, out_features: int | None, name: str) -> None:
+        if out_features is not None and out_features != self.num_classes:
+            raise ValueError(
+                f"Expected `num_classes` to equal the out_features {out_features} of the classifier {name!r}, "
+                f"got {self.num_classes}"
+            )
+
     @staticmethod
     def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         inner = getattr(model, "module", None)
@@ -504,6 +720,9 @@ class CollapseMonitor:
         x = value.detach()
         if x.dim() > 2:
             x = self._pools[key](x)
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"Expected the `pool` of layer {key!r} to return a Tensor, got {type(x).__name__}")
+            x = x.detach()  # a pool with parameters would otherwise keep a graph in the buffer
         if x.dim() != 2:
             raise ValueError(f"Expected layer {key!r} features of shape (N, d) after pooling, got {tuple(x.shape)}")
         return x
@@ -516,7 +735,9 @@ class CollapseMonitor:
             return
         if self._labels is not None:
             if self._recording:
-                self._capture(key, self._features(key, value), self._labels)
+                x = self._features(key, value)
+                layer = self._session.layers[key]
+                layer.capture(x, *layer.validate(key, x, self._labels))
         elif self._batch % self.every == 0:
             x = self._features(key, value)
             self._stash[key] = (x, x._version)
@@ -537,21 +758,15 @@ class CollapseMonitor:
     def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._active() or PENULTIMATE not in self.layer_names:
             return
-        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] != self.num_classes:
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
             return
+        self._check_out_features(output.shape[1], self.classifier_name)
         pred = output.detach().argmax(1)
         if self._labels is not None:
             if self._recording:
                 self._session.layers[PENULTIMATE].set_predictions(pred)
         elif self._batch % self.every == 0:
             self._stash_pred = pred
-
-    def _capture(self, key: str, x: torch.Tensor, labels: torch.Tensor) -> None:
-        if labels.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"Expected labels for the {x.shape[0]} rows layer {key!r} saw in this forward, got {labels.shape[0]}"
-            )
-        self._session.layers[key].capture(key, x, labels)
 
     # ------------------------------------------------------------------ recording
     def _check_labels(self, labels: Any) -> torch.Tensor:
@@ -574,7 +789,8 @@ class CollapseMonitor:
         self._labels = self._check_labels(labels)
         self._recording = self._batch % self.every == 0
         try:
-            yield self
+            with self._session.batch():
+                yield self
         finally:
             self._labels = None
             self._recording = False
@@ -597,15 +813,20 @@ class CollapseMonitor:
                 "update() found no features: run the model forward on the batch before update(labels) "
                 "(and not inside monitor.paused())"
             )
-        for key, (x, version) in stash.items():
+        checked = []
+        for key, (x, version) in stash.items():  # every layer first: a bad batch records nothing
             if x._version != version:
                 raise RuntimeError(
                     f"The features of layer {key!r} were modified in place after the forward (e.g. by "
                     "nn.ReLU(inplace=True)); monitor another module or use `with monitor.collect(labels):`"
                 )
-            self._capture(key, x, labels)
-            if key == PENULTIMATE and pred is not None and pred.shape[0] == x.shape[0]:
-                self._session.layers[key].set_predictions(pred)
+            checked.append((key, x, *self._session.layers[key].validate(key, x, labels)))
+        with self._session.batch():
+            for key, x, y, ok in checked:
+                layer = self._session.layers[key]
+                layer.capture(x, y, ok)
+                if key == PENULTIMATE and pred is not None and pred.shape[0] == x.shape[0]:
+                    layer.set_predictions(pred)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[CollapseMonitor]:
@@ -631,33 +852,34 @@ class CollapseMonitor:
             return dist.get_rank(self.process_group)
         return 0
 
-    def _all_reduce(self, session: _Session, *, stats: bool = True, ncc: bool = True) -> None:
+    def _all_reduce(self, session: _Session, *, stats: bool = True) -> None:
         """Exact merge of every layer's statistics (ClassStats.all_reduce) and one sum of
-        the NC4 counts of all layers across ranks; a rank that saw no batch of a layer
-        joins with empty statistics."""
+        the NC4 and dropped-batch counts of all layers across ranks; a rank that saw no batch
+        of a layer joins with empty statistics."""
         import torch.distributed as dist
 
         layers = [session.layers[name] for name in self.layer_names]
         device = self._comm_device(layers)
-        dims = torch.tensor([0 if s.stats is None else s.stats.dim for s in layers], dtype=torch.int64, device=device)
+        dims = torch.tensor([0 if s.acc is None else s.acc.dim for s in layers], dtype=torch.int64, device=device)
         dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=self.process_group)
         for layer, dim in zip(layers, dims.tolist()):
-            if dim and layer.stats is None:
+            if dim and layer.acc is None:
                 layer.allocate(int(dim), device)
-        active = [layer for layer in layers if layer.stats is not None]
+        active = [layer for layer in layers if layer.acc is not None]
         if stats:
             for layer in active:
-                layer.stats.all_reduce(self.process_group)
-        if ncc and active:
-            counts = torch.stack([layer.ncc.to(device) for layer in active])
+                layer.acc.all_reduce(self.process_group)
+        if active:
+            counts = torch.stack([torch.cat([layer.ncc, layer.dropped]).to(device) for layer in active])
             dist.all_reduce(counts, group=self.process_group)
             for layer, row in zip(active, counts):
-                layer.ncc = row.to(layer.stats.device)
+                row = row.to(layer.acc.device)
+                layer.ncc, layer.dropped = row[:3].clone(), row[3:].clone()
 
     def _comm_device(self, layers: list[_Layer]) -> torch.device:
         for layer in layers:
-            if layer.stats is not None:
-                return layer.stats.device
+            if layer.acc is not None:
+                return layer.acc.device
         import torch.distributed as dist
 
         backend = dist.get_backend(self.process_group)
@@ -674,20 +896,28 @@ class CollapseMonitor:
             b = None
         return w.detach(), None if b is None else b.detach()
 
-    def _result(self, session: _Session, phase: str, ncc_note: str | None, missing_ncc: str) -> MonitorResult:
+    def _result(
+        self,
+        session: _Session,
+        views: dict[str, ClassStats | None],
+        phase: str,
+        ncc_note: str | None,
+        missing_ncc: str,
+    ) -> MonitorResult:
+        session.check_dropped(self.num_classes)
         bundles: dict[str, CollapseMetrics] = {}
         notes: dict[str, str] = {}
         for name in self.layer_names:
-            layer = session.layers[name]
-            if layer.stats is not None:
-                layer.stats.check_rejected()
-            if layer.stats is None or layer.stats.num_samples == 0:
+            layer, stats = session.layers[name], views[name]
+            if layer.acc is not None:
+                layer.acc.check_rejected()
+            if stats is None or stats.num_samples == 0:
                 notes[name] = "no batch recorded"
                 continue
-            w, b = self._classifier_params(layer.stats.dim) if name == PENULTIMATE else (None, None)
+            w, b = self._classifier_params(stats.dim) if name == PENULTIMATE else (None, None)
             counts = layer.ncc if layer.means is not None else None
             m = collapse_metrics(
-                layer.stats,
+                stats,
                 w,
                 b,
                 minority=self.minority,
@@ -736,10 +966,12 @@ class CollapseMonitor:
         session.flush()
         if self._world() > 1:
             self._all_reduce(session)
+        views = {name: layer.stats for name, layer in session.layers.items()}
         self._epoch += 1
         try:
             result = self._result(
                 session,
+                views,
                 "train",
                 "previous epoch's class means (training statistics)",
                 "first epoch: no previous class means yet; evaluate(loader) measures NC4 with the final means"
@@ -750,9 +982,9 @@ class CollapseMonitor:
             self._epoch -= 1
             raise
         self._prev = {}
-        for name, layer in session.layers.items():
-            if layer.stats is not None and layer.stats.num_samples > 0:
-                self._prev[name] = (layer.stats.means.clone(), layer.stats.present.clone())
+        for name, stats in views.items():
+            if stats is not None and stats.num_samples > 0:
+                self._prev[name] = (stats.means, stats.present)
         self._session = self._new_session()
         self._publish(result)
         return result
@@ -770,16 +1002,18 @@ class CollapseMonitor:
     # -------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume mid-epoch with identical results: this rank's
-        statistics, the rows still buffered, the NC4 counts and centres, counters and the
-        history (plain tensors, numbers and strings: loads with ``torch.load(weights_only=True)``)."""
+        statistics, the rows still buffered, the NC4 and dropped-batch counts and centres,
+        counters and the history (plain tensors, numbers and strings: loads with
+        ``torch.load(weights_only=True)``). Buffered rows of dropped batches have label K."""
         layers = {}
         for name, layer in self._session.layers.items():
             entry: dict[str, Any] = {}
-            if layer.stats is not None:
+            if layer.acc is not None:
                 n = layer.fill
                 entry = {
                     "stats": layer.stats.state_dict(),
                     "ncc": layer.ncc.clone(),
+                    "dropped": layer.dropped.clone(),
                     "rows": layer.buf[:n].clone() if n else None,
                     "labels": layer.lab[:n].clone() if n else None,
                     "preds": layer.pred[:n].clone() if n else None,
@@ -798,51 +1032,160 @@ class CollapseMonitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (on a monitor built with the same layers and K); the
-        statistics move to the device they were saved from unless the model is elsewhere."""
+        """Restore :meth:`state_dict` (on a monitor built with the same layers, K and
+        ``within_cov``); the statistics go to the model's device. Everything is checked
+        before anything is assigned: a state that does not fit raises and leaves the monitor
+        as it was."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"Expected `state` to be a dict from CollapseMonitor.state_dict(), got {type(state).__name__}"
+            )
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"Expected a CollapseMonitor state of version {_STATE_VERSION}, got {state.get('version')!r}"
             )
-        if list(state["layer_names"]) != self.layer_names or state["num_classes"] != self.num_classes:
+        missing = [
+            k for k in ("layer_names", "num_classes", "epoch", "batch", "layers", "prev", "history") if k not in state
+        ]
+        if missing:
+            raise ValueError(f"Expected a CollapseMonitor state with the keys {missing} too, got {sorted(state)}")
+        names, k = state["layer_names"], state["num_classes"]
+        if not isinstance(names, Sequence) or list(names) != self.layer_names or _index(k) != self.num_classes:
             raise ValueError(
                 f"Expected a state for layers {self.layer_names} with num_classes={self.num_classes}, "
-                f"got layers {list(state['layer_names'])} with num_classes={state['num_classes']}"
+                f"got layers {names!r} with num_classes={k!r}"
             )
+        counters = []
+        for key in ("epoch", "batch"):
+            value = _index(state[key])
+            if value is None or value < 0:
+                raise ValueError(f"Expected `state[{key!r}]` to be a non-negative int, got {state[key]!r}")
+            counters.append(value)
         device = self._model_device()
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        self._prev = {
-            name: (e["means"].to(device, torch.float64), e["present"].to(device, torch.bool))
-            for name, e in state["prev"].items()
-        }
-        self._session = self._new_session()
-        for name, entry in state["layers"].items():
+        layers = state["layers"]
+        if not isinstance(layers, Mapping) or set(layers) != set(self.layer_names):
+            got = sorted(layers) if isinstance(layers, Mapping) else type(layers).__name__
+            raise ValueError(f"Expected `state['layers']` with one entry per layer {self.layer_names}, got {got}")
+        session = self._session_from(state, device)
+        prev = self._prev_from(state["prev"], session, device)
+        history = state["history"]
+        if not isinstance(history, Sequence):
+            raise ValueError(f"Expected `state['history']` to be a list, got {type(history).__name__}")
+        try:
+            results = [MonitorResult.from_dict(r) for r in history]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"Expected `state['history']` entries from MonitorResult.to_dict(), got one that fails: {e!r}"
+            ) from None
+        # nothing above touched the monitor
+        self._epoch, self._batch = counters
+        self._prev = prev
+        for name, (means, present) in prev.items() if self.train_ncc else ():
+            session.layers[name].set_means(means, present)
+        self._session = session
+        self.history = results
+
+    def _session_from(self, state: Mapping[str, Any], device: torch.device) -> _Session:
+        """A new session holding the checked layer entries of ``state``."""
+        k = self.num_classes
+        session = _Session(self)
+        for name in self.layer_names:
+            entry = state["layers"][name]
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"Expected `state['layers'][{name!r}]` to be a dict, got {type(entry).__name__}")
             if not entry:
                 continue
-            layer = self._session.layers[name]
-            saved = entry["stats"]
-            layer.allocate(int(saved["dim"]), device)
-            if layer.stats.within_cov_enabled != bool(saved["within_cov"]):
-                layer.stats = ClassStats(
-                    self.num_classes,
-                    int(saved["dim"]),
-                    device=device,
-                    within_cov=saved["within_cov"],
-                    check=layer.stats.check,
-                )
-            layer.stats.load_state_dict(saved)
-            layer.ncc = entry["ncc"].to(device)
-            if entry["rows"] is not None:
-                rows = entry["rows"].to(device)
-                layer.buf = torch.empty(entry["capacity"], rows.shape[1], dtype=rows.dtype, device=device)
-                layer.lab = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
-                layer.pred = torch.empty(entry["capacity"], dtype=torch.int64, device=device)
-                n = rows.shape[0]
-                layer.buf[:n].copy_(rows)
-                layer.lab[:n].copy_(entry["labels"])
-                layer.pred[:n].copy_(entry["preds"])
-                layer.fill = n
-        self.history = [MonitorResult.from_dict(r) for r in state["history"]]
+            where = f"`state['layers'][{name!r}]`"
+            for key in ("stats", "ncc", "rows", "labels", "preds", "capacity"):
+                if key not in entry:
+                    raise ValueError(f"Expected {where} to have the key {key!r}, got {sorted(entry)}")
+            stats = self._stats_from(entry["stats"], f"{where}['stats']", device)
+            layer = session.layers[name]
+            layer.allocate(stats.dim, device)
+            layer.acc = _add_class(stats, layer.check)
+            layer.ncc = _counts(entry["ncc"], f"{where}['ncc']", 3).to(device)
+            dropped = entry.get("dropped", torch.zeros(2, dtype=torch.int64))
+            layer.dropped = layer.batch_dropped = _counts(dropped, f"{where}['dropped']", 2).to(device)
+            rows = entry["rows"]
+            if rows is None:
+                continue
+            n = rows.shape[0] if isinstance(rows, torch.Tensor) else -1
+            _tensor(rows, f"{where}['rows']", (n, stats.dim), _FLOAT_DTYPES)
+            labels = _tensor(entry["labels"], f"{where}['labels']", (n,), (torch.int32, torch.int64))
+            preds = _tensor(entry["preds"], f"{where}['preds']", (n,), (torch.int32, torch.int64))
+            if n and (int(labels.min()) < 0 or int(labels.max()) > k):
+                raise ValueError(f"Expected {where}['labels'] in [0, {k}] (K: a dropped batch), got {labels.tolist()}")
+            if n and (int(preds.min()) < -1 or int(preds.max()) >= k):
+                raise ValueError(f"Expected {where}['preds'] in [-1, {k}), got {preds.tolist()}")
+            capacity = _index(entry["capacity"])
+            if capacity is None or capacity < n:
+                raise ValueError(f"Expected {where}['capacity'] to be an int >= {n}, got {entry['capacity']!r}")
+            layer._grow(rows, capacity)
+            layer.buf[:n].copy_(rows)
+            layer.lab[:n].copy_(labels)
+            layer.pred[:n].copy_(preds)
+            layer.fill = layer.batch_start = n
+        return session
+
+    def _stats_from(self, saved: Any, where: str, device: torch.device) -> ClassStats:
+        """The K-class ClassStats of a saved layer, after checking every field."""
+        k = self.num_classes
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"Expected {where} to be a ClassStats state dict, got {type(saved).__name__}")
+        for key in ("num_classes", "dim", "within_cov", "global_mean", "counts", "means", "sqdev"):
+            if key not in saved:
+                raise ValueError(f"Expected {where} to have the key {key!r}, got {sorted(saved)}")
+        if _index(saved["num_classes"]) != k:
+            raise ValueError(f"Expected {where} with num_classes={k}, got {saved['num_classes']!r}")
+        d = _index(saved["dim"])
+        if d is None or d <= 0:
+            raise ValueError(f"Expected {where}['dim'] to be a positive int, got {saved['dim']!r}")
+        cov = self.within_cov if isinstance(self.within_cov, bool) else d <= self.max_cov_dim
+        if saved["within_cov"] is not cov:
+            raise ValueError(
+                f"Expected {where} with within_cov={cov} like this monitor (within_cov={self.within_cov!r}, "
+                f"max_cov_dim={self.max_cov_dim}, d={d}), got {saved['within_cov']!r}"
+            )
+        if saved["global_mean"] not in ("sample", "class"):
+            raise ValueError(f"Expected {where}['global_mean'] to be 'sample' or 'class', got {saved['global_mean']!r}")
+        _counts(saved["counts"], f"{where}['counts']", k)
+        floats = (torch.float32, torch.float64)
+        means = _tensor(saved["means"], f"{where}['means']", (k, d), floats)
+        sqdev = _tensor(saved["sqdev"], f"{where}['sqdev']", (k,), floats)
+        parts = [means, sqdev]
+        if cov:
+            if "scatter" not in saved:
+                raise ValueError(f"Expected {where} to have the key 'scatter' (within_cov=True), got {sorted(saved)}")
+            parts.append(_tensor(saved["scatter"], f"{where}['scatter']", (d, d), floats))
+        if not all(bool(torch.isfinite(p).all()) for p in parts) or bool((sqdev < 0).any()):
+            raise ValueError(f"Expected {where} with finite means, sqdev, scatter and sqdev >= 0, got other values")
+        if "rejected" in saved:
+            _tensor(saved["rejected"], f"{where}['rejected']", (), (torch.int64,))
+        stats = ClassStats(k, d, device=device, within_cov=cov)
+        stats.load_state_dict(dict(saved))
+        return stats
+
+    def _prev_from(
+        self, prev: Any, session: _Session, device: torch.device
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        k = self.num_classes
+        if not isinstance(prev, Mapping) or not set(prev) <= set(self.layer_names):
+            got = sorted(prev) if isinstance(prev, Mapping) else type(prev).__name__
+            raise ValueError(f"Expected `state['prev']` keyed by layers among {self.layer_names}, got {got}")
+        out = {}
+        for name, entry in prev.items():
+            where = f"`state['prev'][{name!r}]`"
+            if not isinstance(entry, Mapping) or "means" not in entry or "present" not in entry:
+                raise ValueError(f"Expected {where} to be a dict with 'means' and 'present', got {entry!r}")
+            acc = session.layers[name].acc
+            means = entry["means"]
+            d = acc.dim if acc is not None else (means.shape[-1] if isinstance(means, torch.Tensor) else -1)
+            means = _tensor(means, f"{where}['means']", (k, d), (torch.float32, torch.float64))
+            present = _tensor(entry["present"], f"{where}['present']", (k,), (torch.bool,))
+            if d <= 0 or not bool(torch.isfinite(means).all()):
+                raise ValueError(f"Expected {where}['means'] finite of shape ({k}, d > 0), got {tuple(means.shape)}")
+            out[name] = (means.to(device, torch.float64), present.to(device))
+        return out
 
     def _model_device(self) -> torch.device:
         param = next(self.model.parameters(), None)
@@ -876,17 +1219,21 @@ class CollapseMonitor:
                 self._pass(loader, unpack, device)
                 self._session.flush()
                 if self._world() > 1:
-                    self._all_reduce(self._session, ncc=False)
-                for layer in self._session.layers.values():
-                    if layer.stats is not None:
-                        layer.set_means(layer.stats.means, layer.stats.present)
+                    self._all_reduce(self._session)
+                self._session.check_dropped(self.num_classes)
+                views = {name: layer.stats for name, layer in self._session.layers.items()}
+                for name, layer in self._session.layers.items():
+                    if layer.acc is not None:
+                        layer.set_means(views[name].means, views[name].present)
                         layer.ncc_only = True
+                        layer.dropped = torch.zeros_like(layer.dropped)
                 self._pass(loader, unpack, device)
                 self._session.flush()
                 if self._world() > 1:
                     self._all_reduce(self._session, stats=False)
             result = self._result(
                 self._session,
+                views,
                 "eval",
                 "final class means (second pass of evaluate())",
                 "no sample reached this layer in the second pass",
@@ -906,7 +1253,8 @@ class CollapseMonitor:
                 inputs = inputs.to(device, non_blocking=True)
             self._labels = labels
             try:
-                self.model(inputs)
+                with self._session.batch():
+                    self.model(inputs)
             finally:
                 self._labels = None
         self._recording = False

@@ -565,7 +565,7 @@ def test_deferred_check_raises_at_compute():
     with torch.no_grad():
         model(x)
     mon.update(y + 1)  # label 5 is out of range: not checked per batch
-    with pytest.raises(ValueError, match="batch\\(es\\) were dropped"):
+    with pytest.raises(ValueError, match="1 batch\\(es\\) \\(240 rows\\) were dropped at layer 'penultimate'"):
         mon.compute()
 
 
@@ -580,3 +580,301 @@ def test_train_ncc_off_leaves_nc4_to_evaluate():
         m = mon.compute()[PENULTIMATE]
     assert m.ncc_accuracy is None and "train_ncc=False" in m.undefined["ncc_accuracy"]
     assert mon.evaluate([(x, y)])[PENULTIMATE].ncc_accuracy is not None
+
+
+# ------------------------------------------------------------------- bad batches
+class _Poison(nn.Module):
+    """Identity, or NaN everywhere while ``on``: a batch that goes bad inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+
+    def forward(self, x):
+        return x * float("nan") if self.on else x
+
+
+def _poisonable_model(d=16, k=5):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(d, 12))
+    model.add_module("poison", _Poison())
+    model.add_module("fc", nn.Linear(12, k))
+    return model.eval()
+
+
+def _counts_of(mon, name):
+    session = mon._session
+    session.flush()
+    return session.layers[name].stats.counts
+
+
+def test_strict_bad_batch_raises_at_its_update_and_keeps_the_others():
+    x, y = _data()
+    batches = _batches(x, y)
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], check="strict")
+    with torch.no_grad():
+        for xb, yb in batches[:3]:
+            model(xb)
+            mon.update(yb)
+        model(torch.full_like(batches[3][0], float("nan")))
+        with pytest.raises(ValueError, match="Expected finite features of layer 'block1', got NaN or Inf"):
+            mon.update(batches[3][1])
+        for xb, yb in batches[4:]:
+            model(xb)
+            mon.update(yb)
+    good = torch.cat([yb for i, (_, yb) in enumerate(batches) if i != 3])
+    want = torch.bincount(good, minlength=5)
+    for name in ("block1", PENULTIMATE):
+        assert torch.equal(_counts_of(mon, name), want)
+    assert mon.compute()[PENULTIMATE].num_samples == good.numel()
+
+
+def test_strict_bad_batch_in_collect_records_nothing_of_that_batch():
+    x, y = _data()
+    batches = _batches(x, y)
+    model = _poisonable_model()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["lin"], check="strict")
+    with torch.no_grad():
+        for i, (xb, yb) in enumerate(batches):
+            model.poison.on = i == 2
+            if i == 2:
+                # "lin" is captured before the poisoned penultimate features raise: rolled back
+                with pytest.raises(ValueError, match="Expected finite features of layer 'penultimate'"):
+                    with mon.collect(yb):
+                        model(xb)
+            else:
+                with mon.collect(yb):
+                    model(xb)
+    good = torch.cat([yb for i, (_, yb) in enumerate(batches) if i != 2])
+    want = torch.bincount(good, minlength=5)
+    assert torch.equal(_counts_of(mon, "lin"), want)
+    assert torch.equal(_counts_of(mon, PENULTIMATE), want)
+
+
+def test_strict_rollback_survives_a_flush_inside_one_collect_block():
+    x, y = _data()
+    model = _poisonable_model()
+    # room for 40 rows of 12 float32: the second forward of a block flushes mid-block
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["lin"], check="strict", buffer_bytes=40 * 48)
+    with torch.no_grad():
+        with mon.collect(y[:30]):
+            model(x[:30])
+        with pytest.raises(ValueError, match="Expected finite features"):
+            with mon.collect(y[30:40]):  # two forwards of one batch: "lin" flushes in the second
+                model(x[30:40])
+                model.poison.on = True
+                model(x[30:40])
+        model.poison.on = False
+    want = torch.bincount(y[:30], minlength=5)
+    assert torch.equal(_counts_of(mon, "lin"), want)
+    assert torch.equal(_counts_of(mon, PENULTIMATE), want)
+
+
+def test_deferred_drops_exactly_the_bad_batches_and_counts_rows():
+    x, y = _data()
+    batches = _batches(x, y)
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5, layers=["block1"], check="deferred")
+    bad = {2: "nan", 5: "labels"}
+    with torch.no_grad():
+        for i, (xb, yb) in enumerate(batches):
+            if bad.get(i) == "nan":
+                xb = xb.clone()
+                xb[3, 0] = float("inf")
+            if bad.get(i) == "labels":
+                yb = yb.clone()
+                yb[0] = 5
+            model(xb)
+            mon.update(yb)
+    rows = sum(len(batches[i][1]) for i in bad)
+    with pytest.raises(ValueError, match=f"2 batch\\(es\\) \\({rows} rows\\) were dropped at layer 'block1'"):
+        mon.compute()
+    good = torch.cat([yb for i, (_, yb) in enumerate(batches) if i not in bad])
+    want = torch.bincount(good, minlength=5)
+    for name in ("block1", PENULTIMATE):
+        assert torch.equal(_counts_of(mon, name), want)
+    ref = _stats_of(model.block1(torch.cat([xb for i, (xb, _) in enumerate(batches) if i not in bad])), good, 5)
+    _assert_same_stats(mon._session.layers["block1"].stats, ref, rtol=1e-6)
+
+
+def test_failed_flush_leaves_the_buffer_as_it_was(monkeypatch):
+    x, y = _data()
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, classifier="fc", num_classes=5)
+    with torch.no_grad():
+        for xb, yb in _batches(x, y):
+            model(xb)
+            mon.update(yb)
+    layer = mon._session.layers[PENULTIMATE]
+    fill = layer.fill
+    original = ClassStats.update
+
+    def broken(self, features, labels):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(ClassStats, "update", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        mon.compute()
+    assert layer.fill == fill
+    monkeypatch.setattr(ClassStats, "update", original)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+
+
+# ------------------------------------------------------------------ load_state_dict
+def _corruptions(state):
+    def edit(fn):
+        s = copy.deepcopy(state)
+        fn(s)
+        return s
+
+    pen = PENULTIMATE
+    yield "version", edit(lambda s: s.update(version=99))
+    yield "missing key", edit(lambda s: s.pop("history"))
+    yield "layer names", edit(lambda s: s.update(layer_names=["block1"]))
+    yield "num_classes", edit(lambda s: s.update(num_classes=6))
+    yield "layers keys", edit(lambda s: s["layers"].pop("block1"))
+    yield "negative counts", edit(lambda s: s["layers"][pen]["stats"]["counts"].__setitem__(0, -3))
+    yield "float counts", edit(lambda s: s["layers"][pen]["stats"].update(counts=torch.ones(5)))
+    yield "means shape", edit(lambda s: s["layers"][pen]["stats"].update(means=torch.zeros(5, 7, dtype=torch.float64)))
+    yield "within_cov", edit(lambda s: s["layers"][pen]["stats"].update(within_cov=False))
+    yield "stats num_classes", edit(lambda s: s["layers"][pen]["stats"].update(num_classes=4))
+    yield "ncc shape", edit(lambda s: s["layers"][pen].update(ncc=torch.zeros(2, dtype=torch.int64)))
+    yield "rows dim", edit(lambda s: s["layers"][pen].update(rows=s["layers"][pen]["rows"][:, :3]))
+    yield "labels range", edit(lambda s: s["layers"][pen]["labels"].__setitem__(0, 17))
+    yield "prev shape", edit(lambda s: s["prev"][pen].update(means=torch.zeros(5, 3, dtype=torch.float64)))
+    yield "prev layer", edit(lambda s: s["prev"].update(nope=s["prev"][pen]))
+    yield "history", edit(lambda s: s["history"].append({"epoch": 1}))
+    yield "epoch", edit(lambda s: s.update(epoch=-1))
+
+
+def test_load_state_dict_is_atomic():
+    x, y = _data()
+    batches = _batches(x, y, 24)
+    kwargs = dict(classifier="fc", num_classes=5, layers=["block1"], buffer_bytes=4000)
+    model = _mlp().eval()
+    mon = CollapseMonitor(model, **kwargs)
+    twin = CollapseMonitor(copy.deepcopy(model), **kwargs)
+    for m in (mon, twin):
+        with torch.no_grad():
+            for xb, yb in batches:
+                m.model(xb)
+                m.update(yb)
+        m.compute()
+        for xb, yb in batches[:5]:
+            with torch.no_grad():
+                m.model(xb)
+            m.update(yb)
+    state = mon.state_dict()
+    assert state["layers"][PENULTIMATE]["rows"] is not None
+    for what, bad in _corruptions(state):
+        with pytest.raises((ValueError, TypeError), match="Expected"):
+            mon.load_state_dict(bad)
+        assert mon._epoch == 1 and len(mon.history) == 1, what
+    _same_result(mon.compute(), twin.compute())
+
+
+# ---------------------------------------------------------------- construction
+def test_num_classes_must_match_the_classifier():
+    model = _mlp()  # fc: Linear(24, 5)
+    with pytest.raises(ValueError, match="Expected `num_classes` to equal the out_features 5 of the classifier 'fc'"):
+        CollapseMonitor(model, classifier="fc", num_classes=7)
+    torch.manual_seed(0)
+    lazy = nn.Sequential()
+    lazy.add_module("lin", nn.Linear(4, 6))
+    lazy.add_module("fc", nn.LazyLinear(3))
+    CollapseMonitor(lazy, classifier="fc", num_classes=4)
+    with pytest.raises(ValueError, match="Expected `num_classes` to equal the out_features 3 of the classifier 'fc'"):
+        lazy(torch.randn(8, 4))
+
+
+def test_numpy_integers_accepted_and_bools_refused():
+    np = pytest.importorskip("numpy")
+    model = _mlp().eval()
+    mon = CollapseMonitor(
+        model,
+        classifier="fc",
+        num_classes=np.int64(5),
+        every=np.int32(2),
+        max_cov_dim=np.int64(30),
+        buffer_bytes=np.int64(4096),
+        minority=[np.int64(3), 4],
+    )
+    assert type(mon.num_classes) is int and mon.num_classes == 5 and mon.every == 2
+    x, y = _data()
+    with torch.no_grad():
+        model(x)
+    mon.update(y)
+    assert mon.compute()[PENULTIMATE].num_samples == len(y)
+    for name in ("num_classes", "every", "max_cov_dim"):
+        kwargs = {"classifier": "fc", "num_classes": 5, name: True}
+        with pytest.raises(ValueError, match=f"Expected `{name}` to be a positive int, got True"):
+            CollapseMonitor(model, **kwargs)
+    with pytest.raises(ValueError, match="Expected `num_classes` to be a positive int, got 5.0"):
+        CollapseMonitor(model, classifier="fc", num_classes=5.0)
+    with pytest.raises(ValueError, match="Expected `buffer_bytes` to be a non-negative int, got False"):
+        CollapseMonitor(model, classifier="fc", num_classes=5, buffer_bytes=False)
+
+
+def test_other_arguments_accepted_silently_but_wrong_are_refused():
+    model = _mlp()
+    base = dict(classifier="fc", num_classes=5)
+    with pytest.raises(ValueError, match="Expected `within_cov` to be True, False or 'auto', got 1"):
+        CollapseMonitor(model, **base, within_cov=1)
+    with pytest.raises(ValueError, match="Expected `minority` to be class indices in \\[0, 5\\), got \\[1.5\\]"):
+        CollapseMonitor(model, **base, minority=[1.5])
+    with pytest.raises(ValueError, match="Expected `minority` to be class indices in \\[0, 5\\), got \\[0, 5\\]"):
+        CollapseMonitor(model, **base, minority=[0, 5])
+    with pytest.raises(ValueError, match="Expected `minority_threshold` to be a number in \\(0, 1\\], got nan"):
+        CollapseMonitor(model, **base, minority_threshold=float("nan"))
+    for name in ("train_ncc", "sync", "log_all_ranks", "penultimate"):
+        with pytest.raises(TypeError, match=f"Expected `{name}` to be a bool, got 'no'"):
+            CollapseMonitor(model, **base, **{name: "no"})
+
+
+def test_integer_features_are_refused_at_capture():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("emb", nn.Identity())
+    model.add_module("fc", nn.Linear(4, 3))
+    mon = CollapseMonitor(model, classifier="fc", num_classes=3, layers=["emb"], penultimate=False)
+    model.fc.register_forward_pre_hook(lambda m, a: (a[0].float(),))
+    model(torch.arange(12).view(3, 4))
+    with pytest.raises(TypeError, match="Expected layer 'emb' features to be float16/bfloat16/float32/float64"):
+        mon.update(torch.tensor([0, 1, 2]))
+
+
+# --------------------------------------------------------------------- autograd
+def test_statistics_keep_no_autograd_graph():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
+    model.add_module("act", nn.ReLU())
+    model.add_module("gap", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(4, 3))
+    proj = nn.Linear(4, 2)  # a learnable pool: its output would carry a graph
+    mon = CollapseMonitor(
+        model, classifier="fc", num_classes=3, layers=["act"], pool={"act": lambda t: proj(t.mean((2, 3)))}
+    )
+    refs = []
+    model.act.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    x, y = torch.randn(6, 3, 5, 5), torch.arange(6) % 3
+    for api in ("update", "collect"):
+        if api == "update":
+            out = model(x)
+            mon.update(y)
+        else:
+            with mon.collect(y):
+                out = model(x)
+        out.sum().backward()
+        for layer in mon._session.layers.values():
+            assert layer.buf.grad_fn is None and not layer.buf.requires_grad
+        del out
+        gc.collect()
+        assert refs[-1]() is None, api
+    assert mon.compute()["act"].num_samples == 12
