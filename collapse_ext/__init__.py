@@ -1,7 +1,7 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
 from . import lpm, reference
-from ._ops import class_stats, cuda_compiled, lpm_step, nearest_centre, pairwise_stats, within_scatter
+from ._ops import class_accumulate, class_stats, cuda_compiled, lpm_step, nearest_centre, pairwise_stats, within_scatter
 from .loggers import CSVLogger, JSONLinesLogger, TensorBoardLogger
 from .lpm import minority_collapse_sweep, simplex_etf
 from .metrics import (
@@ -26,6 +26,7 @@ __all__ = [
     "TensorBoardLogger",
     "CollapseMetrics",
     "SeparationLaw",
+    "class_accumulate",
     "class_stats",
     "collapse_metrics",
     "cuda_compiled",

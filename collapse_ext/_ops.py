@@ -10,7 +10,15 @@ import torch
 
 from . import _C
 
-__all__ = ["class_stats", "cuda_compiled", "lpm_step", "nearest_centre", "pairwise_stats", "within_scatter"]
+__all__ = [
+    "class_accumulate",
+    "class_stats",
+    "cuda_compiled",
+    "lpm_step",
+    "nearest_centre",
+    "pairwise_stats",
+    "within_scatter",
+]
 
 
 def cuda_compiled() -> bool:
@@ -60,6 +68,43 @@ def within_scatter(
     """
     check_backend(features, "features")
     return torch.ops.collapse_ext.within_scatter.default(features, labels, means, basis)
+
+
+def class_accumulate(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    pending: torch.Tensor,
+    sums: torch.Tensor,
+    sqsums: torch.Tensor,
+    limit: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a batch to a pending block of class statistics about per-class shifts, in place.
+
+    features: (N, d) float16/bfloat16/float32/float64, rows may be strided; labels: (N,)
+    int32/int64; counts: (K,) int64 rows already folded (read only); means: (K, d)
+    float32/float64 shifts c_k (mutated: a class with counts_k + pending_k == 0 takes its
+    first row in the batch, rounded to this dtype); pending: (K,) int64, sums: (K, d) of
+    means' dtype, sqsums: (K,) float64, all mutated. With e_i = h_i - c_{y_i} in float64:
+    pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2. All or nothing: a label outside
+    [0, K), a NaN/Inf feature or a row with ||e_i||^2 > limit leaves every state tensor
+    unchanged. Returns centred (N, d), e_i in float32 (float64 for fp64 features; zeros
+    when the batch was refused), and status (4,) float64 = [accepted 1/0,
+    max ||e_i||^2 over finite rows, first bad-label row or -1, first non-finite row or -1].
+    No host synchronisation.
+    """
+    check_backend(features, "features")
+    return torch.ops.collapse_ext.class_accumulate.default(
+        features, labels, counts, means, pending, sums, sqsums, limit
+    )
+
+
+@torch.library.register_fake("collapse_ext::class_accumulate")
+def _class_accumulate_fake(features, labels, counts, means, pending, sums, sqsums, limit):
+    torch._check(features.dim() == 2, lambda: "features must be 2-D (N, d)")
+    compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return features.new_empty(features.shape, dtype=compute), features.new_empty((4,), dtype=torch.float64)
 
 
 @torch.library.register_fake("collapse_ext::class_stats")

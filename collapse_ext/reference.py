@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "PAIRWISE_FIELDS",
+    "class_accumulate_reference",
     "class_stats_reference",
     "lpm_objective_grad_reference",
     "lpm_step_reference",
@@ -35,6 +36,50 @@ def class_stats_reference(
     sqdev = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
     sqdev.index_add_(0, y, (centred * centred).sum(1))
     return counts, means, sqdev
+
+
+def class_accumulate_reference(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    pending: torch.Tensor,
+    sums: torch.Tensor,
+    sqsums: torch.Tensor,
+    limit: float,
+) -> tuple[torch.Tensor, ...]:
+    """The contract of ``class_accumulate`` row by row, on copies: returns
+    (centred, status, means, pending, sums, sqsums) with the state after the call."""
+    means, pending, sums, sqsums = means.clone(), pending.clone(), sums.clone(), sqsums.clone()
+    x, y = features.double(), labels.long()
+    n, k = x.shape[0], means.shape[0]
+    compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+    bad_label = next((i for i in range(n) if not 0 <= int(y[i]) < k), -1)
+    finite = torch.isfinite(x).all(1)
+    bad_row = next((i for i in range(n) if not bool(finite[i])), -1)
+    shifts, first = [], {}
+    for i in range(n):
+        c = int(y[i])
+        if not 0 <= c < k:
+            shifts.append(torch.zeros_like(x[i]))
+        elif int(counts[c] + pending[c]) == 0:
+            shifts.append(x[first.setdefault(c, i)].to(means.dtype).double())
+        else:
+            shifts.append(means[c].double())
+    e = x - torch.stack(shifts) if n else x.clone()
+    sq = (e * e).sum(1)
+    good = [float(sq[i]) for i in range(n) if bool(finite[i]) and 0 <= int(y[i]) < k]
+    peak = max(good, default=0.0)
+    accepted = bad_label < 0 and bad_row < 0 and peak <= limit
+    status = torch.tensor([float(accepted), peak, float(bad_label), float(bad_row)], dtype=torch.float64)
+    if not accepted:
+        return torch.zeros(x.shape, dtype=compute), status, means, pending, sums, sqsums
+    for c, i in first.items():
+        means[c] = x[i].to(means.dtype)
+    pending.index_add_(0, y, torch.ones_like(y))
+    sums.index_add_(0, y, e.to(sums.dtype))
+    sqsums.index_add_(0, y, sq)
+    return e.to(compute), status, means, pending, sums, sqsums
 
 
 def within_scatter_reference(

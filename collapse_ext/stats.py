@@ -27,18 +27,17 @@ features. The one-pass identity sum h h^T - n mu mu^T is never used.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from ._ops import check_backend
+from ._ops import check_backend, class_accumulate
 from ._validate import choice, float_dtype, positive_int, tensor
 
 __all__ = ["ClassStats"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LABEL_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8)
+_LABEL_DTYPES = (torch.int32, torch.int64)
 _STATE_DTYPES = (torch.float64, torch.float32)
 # Largest |e| for which a float32 product over a pending block stays finite:
 # block_rows * |e|^2 must stay below float32's max (3.4e38) with room to spare.
@@ -213,73 +212,49 @@ class ClassStats:
         return self
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        k, rows = self.num_classes, x.shape[0]
-        strict = self.check == "strict"
+        rows, strict = x.shape[0], self.check == "strict"
         if self._pending_rows + rows > self.fold_rows:
             self._fold(sync=strict)
+        fp64 = x.dtype == torch.float64
+        # Every entry of a pending block's products is at most block * max_i ||e_i||^2.
+        # Strict mode accepts anything float64 can sum and widens the product when float32
+        # cannot; deferred mode cannot choose without a sync, so it refuses such a batch.
+        block = max(self.fold_rows, rows)
+        limit = (_F64_LIMIT if strict or fp64 else _F32_LIMIT) / block
+        centred, status = class_accumulate(x, y, self._n, self._mu, self._m, self._t, self._q, limit)
+        wide = False
         if strict:
-            lo, hi = torch.aminmax(y)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= k:
-                raise ValueError(f"Expected `labels` in [0, {k}), got values in [{lo}, {hi}]")
-            ys = y
+            accepted, peak, bad_label, bad_row = status.tolist()
+            if not accepted:
+                self._raise_refused(x, y, peak, int(bad_label), int(bad_row))
+            wide = not fp64 and peak * block > _F32_LIMIT
         else:
-            ys = y.clamp(0, k - 1)
-        # Shift of each row's class; a class not seen before takes its first row here.
-        mu_rows = self._mu.index_select(0, ys)
-        seen = (self._n.index_select(0, ys) + self._m.index_select(0, ys)) > 0
-        fresh = not strict or not bool(seen.all())
-        if fresh:
-            first = torch.full((k,), rows, dtype=torch.int64, device=x.device)
-            first.scatter_reduce_(0, ys, torch.arange(rows, device=x.device), reduce="amin")
-            own_first = x.index_select(0, first.index_select(0, ys)).to(self.state_dtype)
-            shift = torch.where(seen.unsqueeze(1), mu_rows, own_first)
-        else:
-            shift = mu_rows
-        e = x.double() - shift
-        sq = (e * e).sum(1)
-        # One bound covers NaN/Inf and overflow: every entry of the products of a pending
-        # block is at most fold_rows * max_i ||e_i||^2.
-        peak = sq.amax()
-        if strict:
-            big = float(peak)
-            if not math.isfinite(big) or big * self.fold_rows > _F64_LIMIT:
-                bad = (~torch.isfinite(x).all(1)).nonzero()
-                if bad.numel():
-                    raise ValueError(f"Expected finite `features`, got NaN or Inf in row {int(bad[0, 0])}")
-                raise ValueError(
-                    "Expected `features` whose within-class deviations fit in float64 sums of squares, got "
-                    f"squared deviations of {big:.3g} per row"
-                )
-            wide = x.dtype == torch.float64 or big * self.fold_rows > _F32_LIMIT
-            ok = None
-        else:
-            ok = ((y >= 0) & (y < k)).all() & (peak * self.fold_rows <= _F64_LIMIT)  # False for NaN
-            wide = x.dtype == torch.float64
-            if not wide:
-                ok = ok & (peak * self.fold_rows <= _F32_LIMIT)
-            e = torch.where(ok, e, 0.0)
-            sq = torch.where(ok, sq, 0.0)
-            seen = seen | ~ok
-        if fresh:
-            self._mu.index_copy_(0, ys, torch.where(seen.unsqueeze(1), mu_rows, own_first))
-        ones = torch.ones_like(ys) if ok is None else ok.long().expand(rows)
-        self._m.index_add_(0, ys, ones)
-        self._t.index_add_(0, ys, e.to(self.state_dtype))
-        self._q.index_add_(0, ys, sq)
+            refused = 1 - status[0].long()
+            self._rejected += torch.stack([refused, refused * rows])
         if self._p is not None:
-            if wide:
+            if wide:  # recentre in float64: the shifts are the means rows now
+                centred = x.double() - self._mu.index_select(0, y).double()
+                self.wide_product = True
+            if centred.dtype == torch.float64:
                 if self._p64 is None:
                     self._p64 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
-                self._p64.addmm_(e.T, e)
-                if x.dtype != torch.float64:
-                    self.wide_product = True
+                self._p64.addmm_(centred.T, centred)
             else:
-                e32 = e.float()
-                self._p.addmm_(e32.T, e32)
-        if ok is not None:
-            self._rejected += torch.stack([(~ok).long(), (~ok).long() * rows])
+                self._p.addmm_(centred.T, centred)
         self._pending_rows += rows
+
+    def _raise_refused(self, x: torch.Tensor, y: torch.Tensor, peak: float, bad_label: int, bad_row: int) -> None:
+        if bad_label >= 0:
+            lo, hi = (int(v) for v in torch.aminmax(y))
+            raise ValueError(
+                f"Expected `labels` in [0, {self.num_classes}), got values in [{lo}, {hi}] (first bad row {bad_label})"
+            )
+        if bad_row >= 0:
+            raise ValueError(f"Expected finite `features`, got NaN or Inf in row {bad_row}")
+        raise ValueError(
+            "Expected `features` whose within-class deviations fit in float64 sums of squares, got a squared "
+            f"deviation of {peak:.3g} in one row"
+        )
 
     def _fold(self, sync: bool = True) -> None:
         """Merge the pending block into the folded state (exact; see the module docstring).

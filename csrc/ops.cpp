@@ -33,6 +33,9 @@ TORCH_LIBRARY(collapse_ext, m) {
   m.def("class_stats(Tensor features, Tensor labels, int num_classes) -> (Tensor, Tensor, Tensor)");
   m.def(
       "within_scatter(Tensor features, Tensor labels, Tensor means, Tensor? basis=None) -> Tensor");
+  m.def(
+      "class_accumulate(Tensor features, Tensor labels, Tensor counts, Tensor(a!) means, Tensor(b!) pending, "
+      "Tensor(c!) sums, Tensor(d!) sqsums, float limit) -> (Tensor, Tensor)");
 
   // Pairwise and nearest-centre metrics.
   m.def(

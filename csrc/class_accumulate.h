@@ -1,0 +1,66 @@
+// Host side of class_accumulate shared by the backends: argument checks and the outputs.
+//
+// class_accumulate adds a batch to ClassStats' pending block (collapse_ext/stats.py):
+// each row is centred about its class's shift c_k, the class mean at the last fold (the
+// `means` row), or, for a class with no row yet (counts_k + pending_k == 0), the batch's
+// first row of that class rounded to the state dtype, which then becomes that class's
+// `means` row. With e_i = h_i - c_{y_i} formed in float64:
+//   pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2, centred_i = e_i (compute dtype).
+// The batch is all or nothing: any label outside [0, K), any NaN/Inf feature, or any
+// ||e_i||^2 > limit leaves every state tensor as it was and zeroes `centred`.
+// status (4,) float64 = [accepted (1/0), max_i ||e_i||^2 over finite rows,
+//                        first row with a bad label (-1: none), first non-finite row (-1)].
+#pragma once
+
+#include <torch/all.h>
+
+#include "checks.h"
+
+namespace collapse_ext {
+
+struct ClassAccumulateArgs {
+  at::Tensor x;        // (N, d) features, unit-stride columns
+  at::Tensor y;        // (N,) contiguous labels
+  at::Tensor centred;  // (N, d) compute dtype (float32, or float64 for fp64 features)
+  at::Tensor status;   // (4,) float64
+  int64_t n, d, num_classes;
+};
+
+inline ClassAccumulateArgs class_accumulate_args(const at::Tensor& features, const at::Tensor& labels,
+                                                 const at::Tensor& counts, const at::Tensor& means,
+                                                 const at::Tensor& pending, const at::Tensor& sums,
+                                                 const at::Tensor& sqsums) {
+  check_features_labels(features, labels);
+  check_means(means, features);
+  const int64_t k = means.size(0);
+  TORCH_CHECK(means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble,
+              "means must be float32 or float64 (the state dtype), got ", means.scalar_type());
+  TORCH_CHECK(means.is_contiguous(), "means must be contiguous");
+  TORCH_CHECK(sums.sizes() == means.sizes() && sums.scalar_type() == means.scalar_type() && sums.is_contiguous(),
+              "sums must be a contiguous tensor of the shape and dtype of means ", means.sizes(), " ",
+              means.scalar_type(), ", got ", sums.sizes(), " ", sums.scalar_type());
+  for (const auto* t : {&counts, &pending}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "counts and pending must be contiguous (K,) int64 with K = ", k, ", got ", t->sizes(), " ",
+                t->scalar_type());
+    CE_CHECK_SAME_DEVICE(*t, features, "counts/pending", "features");
+  }
+  TORCH_CHECK(sqsums.dim() == 1 && sqsums.size(0) == k && sqsums.scalar_type() == at::kDouble &&
+                  sqsums.is_contiguous(),
+              "sqsums must be contiguous (K,) float64 with K = ", k, ", got ", sqsums.sizes(), " ",
+              sqsums.scalar_type());
+  CE_CHECK_SAME_DEVICE(sums, features, "sums", "features");
+  CE_CHECK_SAME_DEVICE(sqsums, features, "sqsums", "features");
+  ClassAccumulateArgs a;
+  a.x = unit_stride_columns(features);
+  a.y = labels.contiguous();
+  a.n = a.x.size(0);
+  a.d = a.x.size(1);
+  a.num_classes = k;
+  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  a.centred = at::empty({a.n, a.d}, a.x.options().dtype(compute));
+  a.status = at::empty({4}, a.x.options().dtype(at::kDouble));
+  return a;
+}
+
+}  // namespace collapse_ext

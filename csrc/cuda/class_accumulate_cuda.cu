@@ -1,0 +1,188 @@
+// class_accumulate on CUDA (see csrc/class_accumulate.h for the contract).
+//
+// Three kernels on the current stream, no host synchronisation:
+//   1. first_rows_kernel: the first batch row of each class with no row yet (atomicMin
+//      into a (K,) scratch) and the first row with a bad label;
+//   2. centre_kernel: a block per row centres it in float64, writes it in the compute
+//      dtype, its squared norm, the row's shift source, the first non-finite row and the
+//      largest squared norm (atomicMax on the bits of a non-negative double);
+//   3. accumulate_kernel: if the batch passed (read on the device), adds each row into
+//      the (K, d) sums with atomics, else zeroes `centred`.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <math_constants.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../class_accumulate.h"
+#include "reduce.cuh"
+
+namespace collapse_ext {
+namespace {
+
+constexpr int kThreads = 128;
+using ull = unsigned long long;
+
+template <typename scalar_t>
+__device__ __forceinline__ double to_double(scalar_t v) {
+  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
+}
+
+template <typename label_t>
+__global__ void first_rows_kernel(const label_t* __restrict__ y, int64_t n, int64_t num_classes,
+                                  const int64_t* __restrict__ counts, const int64_t* __restrict__ pending,
+                                  int64_t* __restrict__ first, int64_t* __restrict__ flags) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = static_cast<int64_t>(y[i]);
+    if (k < 0 || k >= num_classes)
+      atomicMin(reinterpret_cast<ull*>(flags), static_cast<ull>(i));
+    else if (counts[k] + pending[k] == 0)
+      atomicMin(reinterpret_cast<ull*>(first + k), static_cast<ull>(i));
+  }
+}
+
+template <typename scalar_t, typename label_t, typename state_t, typename compute_t>
+__global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t row_stride, const label_t* __restrict__ y,
+                              int64_t n, int64_t d, int64_t num_classes, const int64_t* __restrict__ counts,
+                              const int64_t* __restrict__ pending, const int64_t* __restrict__ first,
+                              const state_t* __restrict__ means, compute_t* __restrict__ centred,
+                              double* __restrict__ sq, int64_t* __restrict__ source, int64_t* __restrict__ flags) {
+  __shared__ double scratch[kThreads / kWarp];
+  __shared__ int bad[kThreads / kWarp];
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int64_t k = static_cast<int64_t>(y[i]);
+    if (k < 0 || k >= num_classes) continue;  // uniform over the block
+    const int64_t src = counts[k] + pending[k] == 0 ? first[k] : -1;
+    const scalar_t* row = x + i * row_stride;
+    const scalar_t* origin = x + (src < 0 ? 0 : src) * row_stride;
+    const state_t* mean = means + k * d;
+    double s = 0.0;
+    int nonfinite = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const double v = to_double(row[j]);
+      nonfinite |= !isfinite(v);
+      const double c = src < 0 ? static_cast<double>(mean[j]) : static_cast<double>(static_cast<state_t>(origin[j]));
+      const double e = v - c;
+      centred[i * d + j] = static_cast<compute_t>(e);
+      s += e * e;
+    }
+    s = block_sum(s, scratch);
+    nonfinite = block_sum(nonfinite, bad);
+    if (threadIdx.x == 0) {
+      sq[i] = s;
+      source[i] = src;
+      if (nonfinite) {
+        atomicMin(reinterpret_cast<ull*>(flags + 1), static_cast<ull>(i));
+      } else {
+        const double peak = isnan(s) ? CUDART_INF : s;
+        atomicMax(reinterpret_cast<ull*>(flags + 2), static_cast<ull>(__double_as_longlong(peak)));
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename label_t, typename state_t, typename compute_t>
+__global__ void accumulate_kernel(const scalar_t* __restrict__ x, int64_t row_stride, const label_t* __restrict__ y,
+                                  int64_t n, int64_t d, const int64_t* __restrict__ source,
+                                  const double* __restrict__ sq, const int64_t* __restrict__ flags, double limit,
+                                  state_t* __restrict__ means, int64_t* __restrict__ pending,
+                                  state_t* __restrict__ sums, double* __restrict__ sqsums,
+                                  compute_t* __restrict__ centred) {
+  const bool accepted =
+      flags[0] == n && flags[1] == n && __longlong_as_double(static_cast<long long>(flags[2])) <= limit;
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    if (!accepted) {
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centred[i * d + j] = compute_t(0);
+      continue;
+    }
+    const int64_t k = static_cast<int64_t>(y[i]);
+    const int64_t src = source[i];
+    const scalar_t* row = x + i * row_stride;
+    const scalar_t* origin = x + (src < 0 ? 0 : src) * row_stride;
+    state_t* mean = means + k * d;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const double c = src < 0 ? static_cast<double>(mean[j]) : static_cast<double>(static_cast<state_t>(origin[j]));
+      atomicAdd(sums + k * d + j, static_cast<state_t>(to_double(row[j]) - c));
+    }
+    // Only a new class's own first row writes its means row; the class's other rows read
+    // their shift from that batch row, never from `means`.
+    if (src == i)
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) mean[j] = static_cast<state_t>(row[j]);
+    if (threadIdx.x == 0) {
+      atomicAdd(sqsums + k, sq[i]);
+      atomicAdd(reinterpret_cast<ull*>(pending + k), 1ull);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& features, const at::Tensor& labels,
+                                                         const at::Tensor& counts, at::Tensor& means,
+                                                         at::Tensor& pending, at::Tensor& sums, at::Tensor& sqsums,
+                                                         double limit) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  auto a = class_accumulate_args(features, labels, counts, means, pending, sums, sqsums);
+  const int64_t n = a.n, d = a.d, k = a.num_classes;
+  auto opts = a.x.options().dtype(at::kLong);
+  auto flags = at::full({3}, n, opts);
+  flags.narrow(0, 2, 1).zero_();
+  if (n > 0) {
+    auto first = at::full({k}, n, opts);
+    auto sq = at::empty({n}, a.x.options().dtype(at::kDouble));
+    auto source = at::empty({n}, opts);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>(n, 32 * sms));
+    const int64_t label_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 8 * sms));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "class_accumulate_cuda", [&] {
+      using scalar = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(a.y.scalar_type(), "class_accumulate_cuda", [&] {
+        using label = index_t;
+        AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "class_accumulate_cuda", [&] {
+          using state = scalar_t;
+          auto run = [&](auto* centred) {
+            first_rows_kernel<label><<<label_blocks, 256, 0, stream>>>(
+                a.y.const_data_ptr<label>(), n, k, counts.const_data_ptr<int64_t>(),
+                pending.const_data_ptr<int64_t>(), first.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            centre_kernel<<<row_blocks, kThreads, 0, stream>>>(
+                a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d, k,
+                counts.const_data_ptr<int64_t>(), pending.const_data_ptr<int64_t>(), first.const_data_ptr<int64_t>(),
+                means.const_data_ptr<state>(), centred, sq.data_ptr<double>(), source.data_ptr<int64_t>(),
+                flags.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            accumulate_kernel<<<row_blocks, kThreads, 0, stream>>>(
+                a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d,
+                source.const_data_ptr<int64_t>(), sq.const_data_ptr<double>(), flags.const_data_ptr<int64_t>(),
+                limit, means.data_ptr<state>(), pending.data_ptr<int64_t>(), sums.data_ptr<state>(),
+                sqsums.data_ptr<double>(), centred);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          if (a.centred.scalar_type() == at::kDouble)
+            run(a.centred.data_ptr<double>());
+          else
+            run(a.centred.data_ptr<float>());
+        });
+      });
+    });
+  }
+  // status = [accepted, peak, first bad label row or -1, first non-finite row or -1], on the device.
+  const auto peak = flags.narrow(0, 2, 1).view(at::kDouble);
+  const auto bad = flags.narrow(0, 0, 2);
+  const auto accepted = (bad == n).all().unsqueeze(0).logical_and(peak <= limit).to(at::kDouble);
+  const auto rows = at::where(bad == n, at::full_like(bad, -1), bad).to(at::kDouble);
+  a.status.copy_(at::cat({accepted, peak, rows}));
+  return {a.centred, a.status};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(collapse_ext, CUDA, m) { m.impl("class_accumulate", &class_accumulate_cuda); }
+
+}  // namespace collapse_ext

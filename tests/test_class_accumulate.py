@@ -1,0 +1,121 @@
+import pytest
+import torch
+from conftest import rel_err
+
+from collapse_ext import class_accumulate
+from collapse_ext.reference import class_accumulate_reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+LIMIT = 1e30
+
+
+def _state(k, d, device, state_dtype=torch.float64, seen=(), seed=0):
+    """Shifts of the classes in `seen` (folded counts 3), others unseen."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(k, dtype=torch.int64)
+    means = torch.zeros(k, d, dtype=state_dtype)
+    for c in seen:
+        counts[c] = 3
+        means[c] = torch.randn(d, generator=g).to(state_dtype)
+    state = (
+        counts,
+        means,
+        torch.zeros(k, dtype=torch.int64),
+        torch.zeros(k, d, dtype=state_dtype),
+        torch.zeros(k, dtype=torch.float64),
+    )
+    return tuple(t.to(device) for t in state)
+
+
+def _compare(x, y, state, limit=LIMIT):
+    counts, means, pending, sums, sqsums = state
+    want = class_accumulate_reference(x.cpu(), y.cpu(), *(t.cpu() for t in state), limit)
+    centred, status = class_accumulate(x, y, counts, means, pending, sums, sqsums, limit)
+    got = (centred, status, means, pending, sums, sqsums)
+    assert centred.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert torch.equal(status.cpu(), want[1])
+    assert torch.equal(pending.cpu(), want[3])
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-6
+    for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
+        assert rel_err(a, b) <= tol
+    return status
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_matches_reference(device, dtype, state_dtype, label_dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(300, 37, generator=g) * 3 + 100).to(dtype).to(device)
+    y = torch.randint(0, 7, (300,), generator=g).to(label_dtype).to(device)
+    status = _compare(x, y, _state(7, 37, device, state_dtype, seen=(1, 4)))
+    assert status[0] == 1
+
+
+@pytest.mark.parametrize("n,d,k", [(0, 5, 3), (10, 0, 3), (1, 1, 1), (50, 1, 4), (40, 3, 60), (700, 300, 5)])
+def test_shapes_and_edges(device, n, d, k):
+    g = torch.Generator().manual_seed(n + d + k)
+    x = torch.randn(n, d, generator=g).to(device)
+    y = torch.randint(0, k, (n,), generator=g).to(device)
+    _compare(x, y, _state(k, d, device, seen=range(0, k, 2)))
+
+
+def test_non_contiguous(device):
+    g = torch.Generator().manual_seed(2)
+    wide = torch.randn(300, 64, generator=g).to(device)
+    y = torch.randint(0, 5, (300,), generator=g).to(device)
+    _compare(wide[:, 10:40], y, _state(5, 30, device, seen=(0,)))
+    _compare(torch.randn(24, 300, generator=g).to(device).t(), y, _state(5, 24, device))
+
+
+def test_new_class_takes_its_first_row(device):
+    x = torch.tensor([[1.0, 2.0], [5.0, 5.0], [3.0, 6.0]], device=device)
+    y = torch.tensor([1, 0, 1], device=device)
+    state = _state(2, 2, device, seen=(0,))
+    _compare(x, y, state)
+    counts, means, pending, sums, sqsums = state
+    assert means[1].tolist() == [1.0, 2.0]
+    assert sums[1].tolist() == [2.0, 4.0] and pending.tolist() == [1, 2] and sqsums[1].item() == 20.0
+
+
+@pytest.mark.parametrize(
+    "rows,labels,limit,reason",
+    [
+        ([[1.0, 2.0], [float("nan"), 0.0]], [0, 1], LIMIT, (-1, 1)),
+        ([[1.0, float("inf")], [0.0, 0.0]], [0, 1], LIMIT, (-1, 0)),
+        ([[1.0, 2.0], [0.0, 0.0], [0.0, 1.0]], [0, 2, -1], LIMIT, (1, -1)),
+        ([[1e3, 0.0], [0.0, 0.0]], [0, 0], 1.0, (-1, -1)),
+    ],
+)
+def test_refused_batch_changes_nothing(device, rows, labels, limit, reason):
+    x = torch.tensor(rows, device=device)
+    y = torch.tensor(labels, device=device)
+    state = _state(2, 2, device, seen=(1,))
+    before = [t.clone() for t in state]
+    status = _compare(x, y, state, limit)
+    assert status[0] == 0 and tuple(int(v) for v in status[2:]) == reason
+    for a, b in zip(state, before):
+        assert torch.equal(a, b)
+
+
+def test_errors():
+    counts, means, pending, sums, sqsums = _state(3, 4, "cpu")
+    x, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="means must have d"):
+        class_accumulate(torch.randn(5, 3), y, counts, means, pending, sums, sqsums, LIMIT)
+    with pytest.raises(RuntimeError, match="sums must be a contiguous tensor of the shape and dtype of means"):
+        class_accumulate(x, y, counts, means, pending, sums.float(), sqsums, LIMIT)
+    with pytest.raises(RuntimeError, match="counts and pending must be contiguous"):
+        class_accumulate(x, y, counts.int(), means, pending, sums, sqsums, LIMIT)
+    with pytest.raises(RuntimeError, match="sqsums must be contiguous"):
+        class_accumulate(x, y, counts, means, pending, sums, sqsums[:2], LIMIT)
+    with pytest.raises(RuntimeError, match="means must be float32 or float64"):
+        class_accumulate(x, y, counts, means.half(), pending, sums.half(), sqsums, LIMIT)
+
+
+def test_opcheck(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, generator=g).to(device)
+    y = torch.randint(0, 4, (40,), generator=g).to(device)
+    state = _state(4, 6, device, seen=(2,))
+    torch.library.opcheck(torch.ops.collapse_ext.class_accumulate.default, (x, y, *state, LIMIT))
