@@ -182,7 +182,7 @@ class MonitorResult:
             f"NC4 {fmt(m.ncc_mismatch)}",
         ]
         if m.minority_classes:
-            parts.append(f"minority cos(W) {fmt(m.minority_weight_cos_mean)}")
+            parts.append(f"minority cos(W) {fmt(m.minority_cos_mean)}")
         if self.separation_law is not None:
             parts.append(f"rho {self.separation_law['rho']:.3g}")
         return "  ".join(parts)

@@ -315,7 +315,7 @@ def test_minority_metrics_when_imbalanced():
     mon.update(y)
     m = mon.compute()[PENULTIMATE]
     assert m.minority_classes == [3, 4]
-    assert m.minority_weight_cos_mean is not None
+    assert m.minority_cos_mean is not None
 
 
 def test_result_round_trips_and_prints():
