@@ -133,7 +133,7 @@ def breakdown(d: int, k: int, batch: int, device: torch.device, repeats: int = 7
         "class_stats (counts, means, ss_k)": lambda: class_stats(h, y, k),
         "within_scatter (S_W, 2 d^2 flops per row)": lambda: within_scatter(h, y, means),
         "ClassStats.update (both + Chan merge)": lambda: stats.update(h, y),
-        "NC4 counts (nearest_centre, 2 K d flops per row)": lambda: _ncc_counts(h, y, means, present, pred, k),
+        "NC4 counts (nearest_centre, 2 K d flops per row)": lambda: _ncc_counts(h, y, means, present, pred),
     }
     print(f"\nper recorded batch of {batch} rows (d={d}, K={k}), reduced {rows} rows at a time:\n")
     print("| part | time per batch |")

@@ -11,6 +11,7 @@ import torch
 from . import _C
 
 __all__ = [
+    "PAIRWISE_FIELDS",
     "class_accumulate",
     "class_stats",
     "cuda_compiled",
@@ -181,6 +182,31 @@ def _lpm_step_fake(W, H, W_prev, H_prev, theta, weights, E_W, E_H, step, num_ite
     )
 
 
+# Layout of the float64 vector returned by ``pairwise_stats`` (and its reference), in the
+# order of ``enum Field`` in csrc/pairwise_stats.h. Sums run over the unordered pairs j < k
+# of the row set; "unit" rows are a_k / ||a_k||.
+PAIRWISE_FIELDS = (
+    "pairs",  # number of pairs j < k in the set
+    "cos_pairs",  # pairs whose two rows both have nonzero norm (the cosine is defined)
+    "cos_sum",  # sum of cos(a_j, a_k) over cos_pairs
+    "cos_min",  # min cos (+inf when cos_pairs = 0)
+    "cos_max",  # max cos (-inf when cos_pairs = 0)
+    "etf_abs_sum",  # sum |cos + 1/(m - 1)|, m = number of rows in the set
+    "etf_sq_sum",  # sum (cos + 1/(m - 1))^2: the second moment about the ETF cosine, no cancellation near it
+    "kernel_pairs",  # cos_pairs whose unit rows differ: ||u_j - u_k||^2 > 2 tol (see below)
+    "log_sum",  # sum log(1 / ||u_j - u_k||) over kernel_pairs
+    "log_sq_sum",  # sum of its squares
+    "riesz_sum",  # sum ||u_j - u_k||^(-s) over kernel_pairs
+    "riesz_sq_sum",  # sum of its squares
+    "cdnv_sum",  # sum (v_j + v_k) / (2 ||a_j - a_k||^(2p)) over pairs with a_j != a_k (0 without variances)
+    "coincident",  # pairs with ||a_j - a_k||^2 <= tol (||a_j||^2 + ||a_k||^2) (left out of cdnv_sum)
+    "dot_sq_sum",  # sum (a_j . a_k)^2
+    "dist_sq_max",  # max ||a_j - a_k||^2 (-inf when pairs = 0)
+)
+# tol = 4 eps of the Gram product dtype (float64 for float64 rows, float32 otherwise):
+# differences below it are rounding of the Gram identity, so such pairs coincide.
+
+
 def pairwise_stats(
     rows: torch.Tensor,
     variances: torch.Tensor | None = None,
@@ -192,8 +218,8 @@ def pairwise_stats(
 
     rows: (K, d) float16/bfloat16/float32/float64; variances: optional (K,) float per-row
     variances for the CDNV sum; subset: optional (m,) int32/int64 row indices (e.g. the
-    minority classes), the pairs then run over those rows only. Returns a (16,) float64
-    vector laid out as ``collapse_ext.reference.PAIRWISE_FIELDS``: pair counts, sum/min/max of
+    minority classes), the pairs then run over those rows only. Returns a
+    (len(PAIRWISE_FIELDS),) float64 vector laid out as ``PAIRWISE_FIELDS``: pair counts, sum/min/max of
     cosines, sums of |cos + 1/(m-1)| and (cos + 1/(m-1))^2, log and Riesz (exponent
     ``riesz_s``) kernel sums on the unit sphere, the CDNV sum
     sum (v_j + v_k) / (2 ||a_j - a_k||^(2 cdnv_p)), coincident pairs, sum (a_j . a_k)^2 and
@@ -233,7 +259,7 @@ def nearest_centre(
 @torch.library.register_fake("collapse_ext::pairwise_stats")
 def _pairwise_stats_fake(rows, variances=None, subset=None, riesz_s=1.0, cdnv_p=1.0):
     torch._check(rows.dim() == 2, lambda: "rows must be 2-D (K, d)")
-    return rows.new_empty((16,), dtype=torch.float64)
+    return rows.new_empty((len(PAIRWISE_FIELDS),), dtype=torch.float64)
 
 
 @torch.library.register_fake("collapse_ext::nearest_centre")

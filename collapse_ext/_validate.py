@@ -7,44 +7,84 @@ argument and the expected form ("Expected `num_classes` to be a positive int, go
 from __future__ import annotations
 
 import math
+import numbers
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["choice", "float_dtype", "positive_float", "positive_int", "tensor"]
+__all__ = [
+    "choice",
+    "class_indices",
+    "flag",
+    "float_dtype",
+    "index",
+    "positive_float",
+    "positive_int",
+    "tensor",
+]
+
+
+def _is_bool(value: Any) -> bool:
+    """bool, numpy bool or a bool tensor: never an integer or a number here."""
+    return isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+
+
+def index(value: Any) -> int | None:
+    """``value`` as a Python int when it is integral (int, numpy integer, 0-d integer
+    tensor: anything with ``__index__``), None otherwise; bools are not integers here."""
+    if _is_bool(value):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def positive_int(value: Any, name: str) -> int:
     """Any integral value (int, numpy integer, 0-d integer tensor) > 0; bool is refused."""
-    if isinstance(value, bool):
-        raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}") from None
-    if out <= 0:
+    out = index(value)
+    if out is None or out <= 0:
         raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}")
     return out
 
 
-def positive_float(value: Any, name: str) -> float:
-    """A finite real number > 0 (bool refused)."""
-    if isinstance(value, bool):
-        raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}") from None
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}")
-    return out
+def positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real number (int, float, numpy scalar; not bool) > 0, or >= 0 with ``allow_zero``."""
+    ok = isinstance(value, numbers.Real) and not _is_bool(value) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"Expected `{name}` to be a {kind} finite number, got {value!r}")
+    return float(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """A bool (or numpy bool): ``bool("no")`` would silently be True."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"Expected `{name}` to be a bool, got {value!r}")
 
 
 def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"Expected `{name}` to be one of {options}, got {value!r}")
     return value
+
+
+def class_indices(value: Any, name: str, num_classes: int) -> list[int]:
+    """Class indices in [0, num_classes): a sequence or an integer tensor of integers."""
+    bad = ValueError(f"Expected `{name}` to be class indices in [0, {num_classes}), got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise bad
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise bad
+    out = [index(k) for k in value]
+    if any(k is None or not 0 <= k < num_classes for k in out):
+        raise bad
+    return out
 
 
 def tensor(value: Any, name: str) -> torch.Tensor:

@@ -1,12 +1,16 @@
 """Plain float64 PyTorch references for every fused op.
 
 They are the ground truth of the tests and the "what a user would write" baseline of the
-benchmarks: straightforward, materialising whatever they need, computed in float64.
+benchmarks: straightforward, materialising whatever they need, computed in float64. No
+module of the package imports this one.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._ops import PAIRWISE_FIELDS
+from .lpm.solver import lpm_step_torch
 
 __all__ = [
     "PAIRWISE_FIELDS",
@@ -118,13 +122,6 @@ def lpm_objective_grad_reference(
     return (c * per_class).sum(1), G.transpose(1, 2) @ H, G @ W
 
 
-def _project_ball(X: torch.Tensor, radius_sq: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each (K, p) block onto ||X||_F^2 <= radius_sq: a radial rescale."""
-    norm_sq = (X * X).sum((1, 2))
-    scale = torch.where(norm_sq > radius_sq, torch.sqrt(radius_sq / norm_sq), torch.ones_like(norm_sq))
-    return X * scale[:, None, None]
-
-
 def lpm_step_reference(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -141,56 +138,13 @@ def lpm_step_reference(
 ) -> tuple[torch.Tensor, ...]:
     """``num_iters`` projected-gradient iterations of the class-collapsed LPM, in float64.
 
-    The same iteration as the fused ``lpm_step`` op (see its docstring), written as a
-    plain batched PyTorch loop; results are cast back to the dtype of ``W``.
+    The same iteration as the fused ``lpm_step`` op (see its docstring): the plain batched
+    PyTorch loop of ``collapse_ext.lpm.solver.lpm_step_torch`` driven by the gradient of
+    :func:`lpm_objective_grad_reference`; results are cast back to the dtype of ``W``.
     Returns (W, H, W_prev, H_prev, theta, objective, pg_norm).
     """
-    dtype = W.dtype
-    W, H, Wp, Hp, theta, c, eta = (t.double() for t in (W, H, W_prev, H_prev, theta, weights, step))
-    K = W.shape[1]
-    rw, rh = K * E_W.double(), K * E_H.double()
-    eta3 = eta[:, None, None]
-    for _ in range(num_iters):
-        if momentum:
-            theta_next = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
-            beta = ((theta - 1) / theta_next)[:, None, None]
-            YW, YH = W + beta * (W - Wp), H + beta * (H - Hp)
-        else:
-            YW, YH = W, H
-        _, gW, gH = lpm_objective_grad_reference(YW, YH, c, loss)
-        NW, NH = _project_ball(YW - eta3 * gW, rw), _project_ball(YH - eta3 * gH, rh)
-        if momentum:
-            dot = ((YW - NW) * (NW - W)).sum((1, 2)) + ((YH - NH) * (NH - H)).sum((1, 2))
-            theta = torch.where(dot > 0, torch.ones_like(theta), theta_next)
-        Wp, Hp, W, H = W, H, NW, NH
-    objective, gW, gH = lpm_objective_grad_reference(W, H, c, loss)
-    DW, DH = W - _project_ball(W - eta3 * gW, rw), H - _project_ball(H - eta3 * gH, rh)
-    pg_norm = torch.sqrt((DW * DW).sum((1, 2)) + (DH * DH).sum((1, 2))) / eta
-    return tuple(t.to(dtype) for t in (W, H, Wp, Hp, theta, objective, pg_norm))
-
-
-# Layout of the float64 vector returned by ``pairwise_stats`` (and its reference). Sums run
-# over the unordered pairs j < k of the row set; "unit" rows are a_k / ||a_k||.
-PAIRWISE_FIELDS = (
-    "pairs",  # number of pairs j < k in the set
-    "cos_pairs",  # pairs whose two rows both have nonzero norm (the cosine is defined)
-    "cos_sum",  # sum of cos(a_j, a_k) over cos_pairs
-    "cos_min",  # min cos (+inf when cos_pairs = 0)
-    "cos_max",  # max cos (-inf when cos_pairs = 0)
-    "etf_abs_sum",  # sum |cos + 1/(m - 1)|, m = number of rows in the set
-    "etf_sq_sum",  # sum (cos + 1/(m - 1))^2: the second moment about the ETF cosine, no cancellation near it
-    "kernel_pairs",  # cos_pairs whose unit rows differ: ||u_j - u_k||^2 > 2 tol (see below)
-    "log_sum",  # sum log(1 / ||u_j - u_k||) over kernel_pairs
-    "log_sq_sum",  # sum of its squares
-    "riesz_sum",  # sum ||u_j - u_k||^(-s) over kernel_pairs
-    "riesz_sq_sum",  # sum of its squares
-    "cdnv_sum",  # sum (v_j + v_k) / (2 ||a_j - a_k||^(2p)) over pairs with a_j != a_k (0 without variances)
-    "coincident",  # pairs with ||a_j - a_k||^2 <= tol (||a_j||^2 + ||a_k||^2) (left out of cdnv_sum)
-    "dot_sq_sum",  # sum (a_j . a_k)^2
-    "dist_sq_max",  # max ||a_j - a_k||^2 (-inf when pairs = 0)
-)
-# tol = 4 eps of the Gram product dtype (float64 for float64 rows, float32 otherwise):
-# differences below it are rounding of the Gram identity, so such pairs coincide.
+    args = (W, H, W_prev, H_prev, theta, weights, E_W, E_H, step, num_iters, loss, momentum)
+    return lpm_step_torch(*args, grad=lpm_objective_grad_reference)
 
 
 def pairwise_stats_reference(

@@ -81,4 +81,4 @@ def test_digits_imbalanced_shows_minority_collapse(one_thread):
     assert first / final.nc1 >= 10, (first, final.nc1)
     assert final.minority_classes == list(MINORITY)
     majority = _majority_cosine(run.model.fc.weight.detach(), final.minority_classes)
-    assert final.minority_weight_cos_mean > majority + 0.05, (final.minority_weight_cos_mean, majority)
+    assert final.minority_cos_mean > majority + 0.05, (final.minority_cos_mean, majority)

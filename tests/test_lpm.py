@@ -107,7 +107,7 @@ def test_solve_full_is_class_collapsed():
     collapsed = lpm.solve([3, 2, 4], 1.0, 2.0)
     assert full.objective == pytest.approx(collapsed.objective.item(), rel=1e-9)
     # The class means solve the collapsed problem: same classifier geometry.
-    cos_full = lpm._cosines(full.W.unsqueeze(0))
+    cos_full = lpm.solver._cosines(full.W.unsqueeze(0))
     assert (cos_full - collapsed.cos_W).abs().max() < 1e-5
 
 

@@ -283,24 +283,24 @@ def test_minority_collapse_aligned_and_vanishing_rows():
     weight[3:] = weight[3]  # minority rows identical: cosines 1, spread 0
     r = collapse_metrics(stats, weight)
     assert r.minority_classes == [3, 4, 5]
-    assert r.minority_weight_cos_mean == pytest.approx(1.0) and r.minority_weight_cos_std <= 1e-6
+    assert r.minority_cos_mean == pytest.approx(1.0) and r.minority_cos_std <= 1e-6
     assert r.minority_spread == pytest.approx(0.0, abs=1e-12)
     norms = weight.norm(dim=1)
-    assert r.minority_norm_ratio == pytest.approx((norms[3:].mean() / norms[:3].mean()).item())
+    assert r.norm_ratio == pytest.approx((norms[3:].mean() / norms[:3].mean()).item())
     weight[3:] = 0  # rows that shrink to zero: no cosine, but the norm ratio says it
     r = collapse_metrics(stats, weight, minority=[3, 4, 5])
-    assert r.minority_weight_cos_mean is None and "zero" in r.undefined["minority_weight_cos_mean"]
-    assert r.minority_norm_ratio == 0.0
+    assert r.minority_cos_mean is None and "zero" in r.undefined["minority_cos_mean"]
+    assert r.norm_ratio == 0.0
     mc = M.minority_collapse(stats, weight, minority=torch.tensor([4, 5]))
-    assert mc.minority == [4, 5] and mc.spread == 0.0
+    assert mc.minority == [4, 5] and mc.minority_spread == 0.0
 
 
 def test_minority_needs_a_minority_and_a_majority():
     x, y = random_problem(seed=15)
     r = collapse_metrics(stats_of(x, y, 7), minority_threshold=0.01)
-    assert r.minority_classes == [] and "no minority classes" in r.undefined["minority_norm_ratio"]
+    assert r.minority_classes == [] and "no minority classes" in r.undefined["norm_ratio"]
     r = collapse_metrics(stats_of(x, y, 7), minority=list(range(7)))
-    assert r.minority_norm_ratio is None and "no majority" in r.undefined["minority_norm_ratio"]
+    assert r.norm_ratio is None and "no majority" in r.undefined["norm_ratio"]
     with pytest.raises(ValueError, match=r"Expected `minority` to be class indices in \[0, 7\)"):
         collapse_metrics(stats_of(x, y, 7), minority=[9])
 
@@ -453,7 +453,7 @@ def test_parameters_that_require_grad_are_detached():
     assert M.gnc2(lin.weight) == M.gnc2(lin.weight.detach())
     centred = stats.centred_means()
     assert M.self_duality(lin.weight, centred) == M.self_duality(lin.weight.detach(), centred)
-    assert M.minority_collapse(stats, lin.weight, minority=[0, 1]).spread is not None
+    assert M.minority_collapse(stats, lin.weight, minority=[0, 1]).minority_spread is not None
     counts = nearest_centre_counts(feats, y, stats.means, lin.weight, lin.bias)
     assert not counts.requires_grad and counts[0].item() == 300
     assert M.nc1(stats, features=feats, labels=y, mode="projected") == pytest.approx(expected["nc1"], rel=1e-6)

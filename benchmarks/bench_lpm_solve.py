@@ -9,8 +9,8 @@ Each is solved by ``lpm.solve(..., backend="fused")`` and ``backend="reference"`
 loop, what a user would write). Reports wall time, instances/s, iterations and the
 largest objective difference between the two, as a markdown table.
 
-    python benchmarks/bench_lpm.py                 # CPU, float64, 1 thread
-    python benchmarks/bench_lpm.py --device cuda   # the same on a GPU
+    python benchmarks/bench_lpm_solve.py                 # CPU, float64, 1 thread
+    python benchmarks/bench_lpm_solve.py --device cuda   # the same on a GPU
 """
 
 from __future__ import annotations

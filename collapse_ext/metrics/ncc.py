@@ -1,0 +1,75 @@
+"""NC4, nearest class centre (SPEC: "Metrics", NC4; Papyan et al. 2020): tallies of one
+fused ``nearest_centre`` pass, and the two fractions made from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._ops import nearest_centre
+from ._inputs import UndefinedMetricError, check_features, check_finite_rows
+
+__all__ = ["ncc_accuracy", "ncc_mismatch", "nearest_centre_counts"]
+
+
+def nearest_centre_counts(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    present: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device; one fused
+    ``nearest_centre`` pass. NaN/Inf feature rows raise a ValueError naming the first one
+    (one host synchronisation); ``check_finite=False`` skips that check, for a sync-free
+    call inside a training step or ``torch.compile`` (the op then leaves such rows out).
+
+    features (N, d) float; labels (N,) int32/int64 (rows outside [0, K) are not counted);
+    means (K, d) float, the class centres (e.g. ``stats.means``, or last epoch's);
+    weight (K, d) / bias (K,) the classifier (mismatch is 0 without ``weight``); present
+    (K,) bool: only these centres compete (pass ``stats.present``: absent classes have zero
+    means). means/weight/bias/present are moved to the features' device. ncc_correct
+    counts argmin_k ||h - mu_k||^2 == y; mismatch counts argmin_k ||h - mu_k||^2 !=
+    argmax_k (W h + b)_k (Papyan et al. 2020). Sum the counts over batches.
+    """
+    features, labels = check_features(features, labels)
+    if check_finite:
+        check_finite_rows(features)
+    dev = features.device
+    moved = [t.detach().to(dev) if isinstance(t, torch.Tensor) else t for t in (means, weight, bias, present)]
+    return nearest_centre(features.detach(), labels.to(dev), *moved)[0]
+
+
+def check_ncc_counts(counts: Any, name: str = "ncc_counts") -> torch.Tensor:
+    """(3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n."""
+    form = "a (3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n"
+    ok = isinstance(counts, torch.Tensor) and tuple(counts.shape) == (3,)
+    ok = ok and not counts.is_floating_point() and not counts.is_complex() and counts.dtype != torch.bool
+    if ok:
+        n, correct, mismatch = (int(v) for v in counts.tolist())
+        ok = n >= 0 and 0 <= correct <= n and 0 <= mismatch <= n
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {form}, got {counts!r}")
+    return counts.detach().cpu().long()
+
+
+def _fraction(counts: Any, column: int) -> float:
+    tallies = check_ncc_counts(counts, "counts").tolist()
+    if tallies[0] == 0:
+        raise UndefinedMetricError("no samples were classified")
+    return tallies[column] / tallies[0]
+
+
+def ncc_accuracy(counts: torch.Tensor) -> float:
+    """NC4 nearest-class-centre accuracy ncc_correct / n from :func:`nearest_centre_counts`."""
+    return _fraction(counts, 1)
+
+
+def ncc_mismatch(counts: torch.Tensor) -> float:
+    """NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre differs from
+    the classifier's prediction, from :func:`nearest_centre_counts` (computed with ``weight``)."""
+    return _fraction(counts, 2)
