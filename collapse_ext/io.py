@@ -118,7 +118,7 @@ class _NumpyArray(Array):
         self.dtype = _torch_dtype(np.dtype(data.dtype), name, arg)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.data[start:stop]))
+        return torch.from_numpy(np.array(self.data[start:stop], order="C"))  # a copy: pages read here, not later
 
     def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
