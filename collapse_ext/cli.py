@@ -586,10 +586,6 @@ def _check_analyze(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         and os.path.basename(args.json) in ("report.html", "summary.json")
     ):
         parser.error(f"--json: expected a path other than the report's own files, got {_shown(args.json)}")
-    if args.labels is None and args.labels_key is None:
-        args.library_options = dict(args.library_options, labels="FEATURES")
-    elif args.labels is None:
-        args.library_options = dict(args.library_options, labels="--labels-key")
 
 
 def _analyze(args: argparse.Namespace) -> int:

@@ -263,7 +263,10 @@ class _Container:
         except (OSError, zipfile.BadZipFile, RuntimeError, EOFError, KeyError) as err:
             raise ValueError(_unreadable(arg, path, err)) from None
         except Exception as err:
-            if type(err).__name__ == "SafetensorError" or isinstance(err, pickle.UnpicklingError):
+            ours = isinstance(err, ValueError) and str(err).startswith("Expected `")
+            if not ours and (
+                isinstance(err, (ValueError, pickle.UnpicklingError)) or "Safetensor" in type(err).__name__
+            ):
                 raise ValueError(_unreadable(arg, path, err)) from None
             raise
 
@@ -425,6 +428,10 @@ def load_tensor(spec: str | os.PathLike, default_keys: Sequence[str], arg: str) 
     container = _Container(path, arg)
     try:
         keys = container.keys()
+        if keys is None and key is not None:
+            raise ValueError(
+                f"Expected `{arg}` without :key for {os.path.basename(path)}, which holds one array, got {key!r}"
+            )
         if keys is not None and key is None:
             key = next((k for k in default_keys if k in keys), None)
             if key is None and len(keys) == 1:
