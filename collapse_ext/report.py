@@ -198,7 +198,7 @@ def _plots(result: Any) -> list[tuple[str, str, str]]:
             ticks = range(kp) if kp <= 20 else range(0, kp, max(1, kp // 10))
             ax.set_xticks(list(ticks), [str(int(classes[i])) for i in ticks])
             ax.set_yticks(list(ticks), [str(int(classes[i])) for i in ticks])
-            ax.set_title(f"cosines of centred class means (ETF: {-1 / (kp - 1):+.3f} off the diagonal)")
+            ax.set_title(f"centred class-mean cosines (ETF: {-1 / (kp - 1):+.3f})")
         else:
             pick = torch.randperm(kp, generator=torch.Generator().manual_seed(0))[:_SAMPLED_K]
             sub = cos[pick][:, pick]
