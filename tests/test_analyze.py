@@ -146,7 +146,7 @@ def _run(argv):
 
 
 @pytest.fixture
-def bad(tmp_path, data):
+def bad(tmp_path, data, monkeypatch):
     x, y, w, _ = data
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "y.npy", y.numpy())
@@ -163,7 +163,7 @@ def bad(tmp_path, data):
     np.save(tmp_path / "w.npy", w.numpy())
     np.savez(tmp_path / "all.npz", feats=x.numpy(), labels=y.numpy())
     torch.save({"fc.weight": w}, tmp_path / "ck.pt")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
