@@ -131,7 +131,7 @@ def observations(result: Any) -> list[str]:
     if m.minority_classes:
         out.append(
             f"{len(m.minority_classes)} minority classes ({_short(m.minority_classes)}): minority classifier rows have "
-            f"mean cosine {_fmt(m.minority_weight_cos_mean)} and norm ratio {_fmt(m.minority_norm_ratio)} "
+            f"mean cosine {_fmt(m.minority_cos_mean)} and norm ratio {_fmt(m.norm_ratio)} "
             "to the majority."
         )
     if result.separation_law is not None:

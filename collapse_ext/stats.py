@@ -274,7 +274,7 @@ class ClassStats:
             n = take(self._n) + m
             nf = n.double().clamp_min(1.0)
             t = take(self._t).double()
-            mu = take(self._mu) + (t / nf.unsqueeze(1)).to(self.state_dtype)
+            mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
             ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
             if self._sw is not None:
                 scaled = t / nf.sqrt().unsqueeze(1)
@@ -439,16 +439,21 @@ class ClassStats:
             raise RuntimeError("within_cov() needs ClassStats(..., within_cov=True)")
         return self.scatter / max(self.num_samples, 1)
 
-    def between_cov(self, weighting: str = "class", mode: str | None = None) -> torch.Tensor:
-        """Sigma_B (d, d) float64: ``"class"`` = (1/K') sum_k (mu_k - mu_G)(mu_k - mu_G)^T
-        over present classes (Papyan et al.); ``"sample"`` = sum_k (n_k/N)(...)(...)^T
-        (He & Su)."""
+    def between_weights(self, weighting: str = "class") -> torch.Tensor:
+        """(K',) float64 class weights of Sigma_B over the present classes: ``"class"`` =
+        1/K' (Papyan et al.), ``"sample"`` = n_k / N (He & Su)."""
         choice(weighting, "weighting", ("class", "sample"))
-        centred = self.centred_means(mode)
+        present = self.present
+        kp = int(present.sum())
         if weighting == "class":
-            w = torch.full((centred.shape[0],), 1.0 / max(centred.shape[0], 1), dtype=torch.float64, device=self.device)
-        else:
-            w = self.counts[self.present].double() / max(self.num_samples, 1)
+            return torch.full((kp,), 1.0 / max(kp, 1), dtype=torch.float64, device=self.device)
+        return self.counts[present].double() / max(self.num_samples, 1)
+
+    def between_cov(self, weighting: str = "class", mode: str | None = None) -> torch.Tensor:
+        """Sigma_B (d, d) float64 = sum_k w_k (mu_k - mu_G)(mu_k - mu_G)^T over the present
+        classes, with the weights of ``between_weights(weighting)``."""
+        w = self.between_weights(weighting)
+        centred = self.centred_means(mode)
         return (centred * w.unsqueeze(1)).T @ centred
 
     # ------------------------------------------------------------- persistence

@@ -251,3 +251,139 @@ def test_gloo_all_reduce_matches_one_pass(tmp_path):
         assert rel_err(got.means, whole.means) <= 1e-12
         assert rel_err(got.sqdev, whole.sqdev) <= 1e-9
         assert rel_err(got.within_cov(), whole.within_cov()) <= 1e-9
+
+
+def test_update_detaches_features_that_require_grad():
+    import gc
+    import weakref
+
+    layer = torch.nn.Linear(8, 8)
+    stats = ClassStats(3, 8)
+    refs = []
+    for _ in range(3):
+        inputs = torch.randn(16, 8)
+        hidden = layer(inputs)  # the graph saves `inputs` for the backward of the product
+        refs.append(weakref.ref(inputs))
+        stats.update(hidden, torch.randint(0, 3, (16,)))
+        del hidden, inputs
+    gc.collect()
+    assert all(r() is None for r in refs)  # no batch's graph is kept alive
+    assert not stats.means.requires_grad and not stats.within_cov().requires_grad
+
+
+@pytest.mark.parametrize("fold_rows", [1, 7, 64, 32768])
+@pytest.mark.parametrize("batch", [1, 13, 500])
+def test_fold_points_do_not_change_the_statistics(fold_rows, batch):
+    x, y = collapsed_features(500, 9, 4, 1e-3, offset=1e3, dtype=torch.float32)
+    stats = ClassStats(4, 9, fold_rows=fold_rows)
+    for xb, yb in zip(x.split(batch), y.split(batch)):
+        stats.update(xb, yb)
+    means, sigma_w, _ = reference_covs(x, y, 4)
+    assert rel_err(stats.means, means) <= 1e-12
+    assert rel_err(stats.within_cov(), sigma_w) <= 1e-6
+
+
+def test_wide_product_where_float32_overflows():
+    # +-1e20 rows: the float32 squares overflow, so the product is taken in float64.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g) * 1e20
+    y = torch.arange(64) % 2
+    stats = ClassStats(2, 5).update(x, y)
+    _, sigma_w, _ = reference_covs(x, y, 2)
+    assert stats.wide_product
+    assert torch.isfinite(stats.within_cov()).all()
+    assert rel_err(stats.within_cov(), sigma_w) <= 1e-12
+    # Finite float64 features far from float32's range are fine as long as the spread fits.
+    big = torch.randn(40, 5, generator=g, dtype=torch.float64) + 1e200
+    stats = ClassStats(2, 5).update(big, torch.arange(40) % 2)
+    assert torch.isfinite(stats.within_cov()).all() and torch.isfinite(stats.means).all()
+    with pytest.raises(ValueError, match="fit in float64 sums of squares"):
+        ClassStats(2, 5).update(torch.randn(4, 5, dtype=torch.float64) * 1e200, torch.tensor([0, 0, 1, 1]))
+
+
+def test_deferred_refuses_float32_overflow_and_counts_rows():
+    stats = ClassStats(2, 3, check="deferred")
+    stats.update(torch.ones(4, 3), torch.tensor([0, 1, 0, 1]))
+    stats.update(torch.tensor([[1e20, 0, 0], [-1e20, 0, 0], [0, 0, 0.0]]), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match=r"1 batch\(es\) were dropped \(3 rows\)"):
+        stats.within_cov()
+
+
+def test_numpy_integers_and_state_dtype():
+    np = pytest.importorskip("numpy")
+    stats = ClassStats(np.int64(3), np.int32(4))
+    assert (stats.num_classes, stats.dim) == (3, 4)
+    with pytest.raises(ValueError, match="`num_classes` to be a positive int, got True"):
+        ClassStats(True, 4)
+    with pytest.raises(ValueError, match="`state_dtype` to be one of float64/float32"):
+        ClassStats(3, 4, state_dtype=torch.float16)
+
+
+def test_float32_state_error_is_small():
+    x, y = collapsed_features(3000, 16, 6, 1e-2, offset=10.0)
+    exact = ClassStats(6, 16)
+    light = ClassStats(6, 16, state_dtype=torch.float32)
+    for xb, yb in zip(x.split(128), y.split(128)):
+        exact.update(xb, yb)
+        light.update(xb, yb)
+    assert light.means.dtype == torch.float32
+    assert rel_err(light.means, exact.means) <= 1e-7
+    assert rel_err(light.within_cov(), exact.within_cov()) <= 1e-5
+
+
+def test_load_state_dict_is_atomic_and_validated():
+    x, y = collapsed_features(300, 8, 4, 1e-2)
+    stats = ClassStats(4, 8).update(x, y)
+    good = stats.state_dict()
+    before = _state(stats)
+
+    def corrupt(**changes):
+        state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in good.items()}
+        for key, value in changes.items():
+            if value is None:
+                del state[key]
+            else:
+                state[key] = value
+        return state
+
+    bad = [
+        (corrupt(scatter=None), "missing \\['scatter'\\]"),
+        (corrupt(counts=good["counts"][:3]), r"state\['counts'\]` to be a tensor of shape \(4,\)"),
+        (corrupt(counts=-good["counts"]), r"state\['counts'\]` to be non-negative"),
+        (corrupt(counts=good["counts"].double()), "integer tensor"),
+        (corrupt(global_mean="median"), r"state\['global_mean'\]` to be one of"),
+        (corrupt(means=torch.full((4, 8), float("nan"), dtype=torch.float64)), r"state\['means'\]` to be finite"),
+        (corrupt(sqdev=-good["sqdev"] - 1), r"state\['sqdev'\]` to be non-negative"),
+        (corrupt(dim=9), "Expected a state with"),
+        ([1, 2], "to be a dict"),
+    ]
+    for state, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            stats.load_state_dict(state)
+        _assert_unchanged(stats, before)
+
+
+def _mismatch_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stats = ClassStats(3 + rank, 4).update(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+        try:
+            stats.all_reduce()
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_with_different_shapes_raises_on_every_rank(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "same (num_classes, dim, within_cov, float64 state)" in messages[0]

@@ -78,11 +78,6 @@ class CollapseMetrics:
 
     _NOT_METRICS = ("minority_classes", "absent_classes", "ncc_means", "undefined")
 
-    @property
-    def minority_weight_cos_mean(self) -> float | None:
-        """Former name of ``minority_cos_mean`` (kept for ``collapse_ext.cli``)."""
-        return self.minority_cos_mean
-
     def to_dict(self) -> dict[str, float | None]:
         """Flat {name: float or None} of the numbers (counts as floats), for loggers."""
         out: dict[str, float | None] = {}

@@ -17,16 +17,6 @@ __all__ = ["nc1", "nc1_cdnv", "nc1_quotient", "separation_fuzziness"]
 _EPS64 = torch.finfo(torch.float64).eps
 
 
-def between_weights(stats: ClassStats, weighting: str) -> torch.Tensor:
-    """(K',) float64 class weights of Sigma_B over the present classes: ``"class"`` = 1/K'
-    (Papyan et al.), ``"sample"`` = n_k / N (He & Su)."""
-    present = stats.present
-    kp = int(present.sum())
-    if weighting == "class":
-        return torch.full((kp,), 1.0 / max(kp, 1), dtype=torch.float64, device=stats.device)
-    return stats.counts[present].double() / max(stats.num_samples, 1)
-
-
 def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values s (r,) and right singular vectors V^T (r, d) of A = diag(sqrt(w)) M~,
     so that Sigma_B = A^T A and Sigma_B^+ = V S^-2 V^T; singular values at or below
@@ -38,7 +28,7 @@ def _between_basis(stats: ClassStats, weighting: str, rtol: float | None) -> tup
     kp = centred.shape[0]
     if kp < 2:
         raise UndefinedMetricError(f"needs at least 2 present classes, got {kp}")
-    a = centred * between_weights(stats, weighting).sqrt().unsqueeze(1)
+    a = centred * stats.between_weights(weighting).sqrt().unsqueeze(1)
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
     tol = rtol if rtol is not None else max(a.shape) * _EPS64
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -122,7 +112,7 @@ def nc1_quotient(stats: ClassStats, *, between: str = "class") -> float:
     centred = stats.centred_means()
     if centred.shape[0] < 2:
         raise UndefinedMetricError(f"needs at least 2 present classes, got {centred.shape[0]}")
-    tr_b = float((between_weights(stats, between) * (centred * centred).sum(1)).sum())
+    tr_b = float((stats.between_weights(between) * (centred * centred).sum(1)).sum())
     if tr_b == 0.0:
         raise UndefinedMetricError("all present class means coincide (tr Sigma_B = 0)")
     return float(stats.sqdev.sum()) / stats.num_samples / tr_b
