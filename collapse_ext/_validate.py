@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "choice",
+    "class_sizes",
     "class_indices",
     "flag",
     "float_dtype",
@@ -98,3 +99,20 @@ def float_dtype(value: Any, name: str, options: tuple[torch.dtype, ...]) -> torc
         names = "/".join(str(o).replace("torch.", "") for o in options)
         raise ValueError(f"Expected `{name}` to be one of {names}, got {value!r}")
     return value
+
+
+def class_sizes(counts: Any) -> torch.Tensor:
+    """(K,) or (B, K) non-negative finite class sizes (real values allowed), as float64 CPU."""
+    try:
+        t = torch.as_tensor(counts).detach().to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"Expected `counts` to be a (K,) or (B, K) array of class sizes, got {counts!r}") from err
+    if t.dim() not in (1, 2):
+        raise ValueError(f"Expected `counts` to be (K,) or (B, K), got shape {tuple(t.shape)}")
+    if t.shape[-1] < 2:
+        raise ValueError(f"Expected `counts` to have at least 2 classes, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError("Expected `counts` to be finite and non-negative")
+    if (t.sum(-1) <= 0).any():
+        raise ValueError("Expected `counts` to have a positive total in every instance")
+    return t

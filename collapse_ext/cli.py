@@ -653,6 +653,12 @@ def _staging_dir(target: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=os.path.dirname(real))
 
 
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    from . import theory_cli
+
+    theory_cli.add_parser(subparsers)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The top-level parser and its subcommand registry (add a command with
     ``subparsers.add_parser(name, ...)`` and ``set_defaults(func=...)``; optionally
@@ -663,6 +669,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_demo(subparsers)
     _add_lpm_sweep(subparsers)
     _add_analyze(subparsers)
+    _add_predict(subparsers)
     return parser, subparsers
 
 

@@ -37,11 +37,14 @@ Modules: ``problem`` (objective, projection, Lipschitz bound, KKT residual, clos
 """
 
 from .full import FullLPMResult, solve_full
+from .large import LargeLPMResult, solve_large
 from .problem import balanced_prediction, kkt_residual, lipschitz_bound, objective_grad, simplex_etf
 from .solver import LPMResult, solve
 from .sweep import SweepResult, estimate_threshold, minority_collapse_sweep, minority_stats
 
 __all__ = [
+    "LargeLPMResult",
+    "solve_large",
     "FullLPMResult",
     "LPMResult",
     "SweepResult",

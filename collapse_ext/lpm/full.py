@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validate import positive_float, positive_int
+from .._validate import class_sizes, positive_float, positive_int
 from .problem import lipschitz_bound, objective_grad
-from .solver import _counts, _iterate, _random_block, apg_iterations, loop_options
+from .solver import _iterate, _random_block, apg_iterations, loop_options
 
 __all__ = ["FullLPMResult", "solve_full"]
 
@@ -59,7 +59,7 @@ def solve_full(
     projection stays a radial rescale; the iteration is otherwise that of ``solve``.
     """
     max_iter, chunk, tol, ftol = loop_options(loss, method, max_iter, chunk, tol, ftol, dtype)
-    n = _counts(counts)
+    n = class_sizes(counts)
     if n.dim() != 1 or (n != n.round()).any() or (n <= 0).any():
         raise ValueError(f"Expected `counts` to be (K,) positive integers for solve_full, got {counts!r}")
     E_W, E_H = positive_float(E_W, "E_W"), positive_float(E_H, "E_H")

@@ -11,30 +11,13 @@ from typing import Any
 import torch
 
 from .._ops import lpm_step
-from .._validate import choice, positive_float, positive_int
+from .._validate import choice, class_sizes, positive_float, positive_int
 from .problem import LOSSES, kkt_residual, lipschitz_bound, objective_grad, project
 
 __all__ = ["LPMResult", "apg_iterations", "lpm_step_torch", "solve"]
 
 _METHODS = ("apgd", "pgd")
 _BACKENDS = ("fused", "reference")
-
-
-def _counts(counts: Any) -> torch.Tensor:
-    """(K,) or (B, K) non-negative finite class sizes (real values allowed), as float64 CPU."""
-    try:
-        t = torch.as_tensor(counts).detach().to("cpu", torch.float64)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"Expected `counts` to be a (K,) or (B, K) array of class sizes, got {counts!r}") from err
-    if t.dim() not in (1, 2):
-        raise ValueError(f"Expected `counts` to be (K,) or (B, K), got shape {tuple(t.shape)}")
-    if t.shape[-1] < 2:
-        raise ValueError(f"Expected `counts` to have at least 2 classes, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all() or (t < 0).any():
-        raise ValueError("Expected `counts` to be finite and non-negative")
-    if (t.sum(-1) <= 0).any():
-        raise ValueError("Expected `counts` to have a positive total in every instance")
-    return t
 
 
 def _per_instance(value: Any, name: str, batch: int) -> torch.Tensor:
@@ -291,7 +274,7 @@ def solve(
     if kkt_tol is None:
         kkt_tol = 1e-6 if dtype == torch.float64 else 1e-3
     kkt_tol = positive_float(kkt_tol, "kkt_tol", allow_zero=True)
-    n = _counts(counts)
+    n = class_sizes(counts)
     lw = None
     if loss_weights is not None:
         lw = torch.as_tensor(loss_weights, dtype=torch.float64).detach().cpu()
