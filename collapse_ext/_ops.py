@@ -85,8 +85,8 @@ def class_accumulate(
 
     features: (N, d) float16/bfloat16/float32/float64, rows may be strided; labels: (N,)
     int32/int64; counts: (K,) int64 rows already folded (read only); means: (K, d)
-    float32/float64 shifts c_k (mutated: a class with counts_k + pending_k == 0 takes its
-    first row in the batch, rounded to this dtype); pending: (K,) int64, sums: (K, d) of
+    float32/float64 shifts c_k (mutated: a class with counts_k + pending_k == 0 takes the
+    mean of its rows in the batch, rounded to this dtype); pending: (K,) int64, sums: (K, d) of
     means' dtype, sqsums: (K,) float64, all mutated. With e_i = h_i - c_{y_i} in float64:
     pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2. All or nothing: a label outside
     [0, K), a NaN/Inf feature or a row with ||e_i||^2 > limit leaves every state tensor

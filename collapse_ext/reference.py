@@ -61,25 +61,28 @@ def class_accumulate_reference(
     bad_label = next((i for i in range(n) if not 0 <= int(y[i]) < k), -1)
     finite = torch.isfinite(x).all(1)
     bad_row = next((i for i in range(n) if not bool(finite[i])), -1)
-    shifts, first = [], {}
+    fresh = {}  # new class -> its batch mean rounded to the state dtype
+    for c in {int(v) for v in y.tolist()}:
+        if 0 <= c < k and int(counts[c] + pending[c]) == 0:
+            fresh[c] = x[y == c].mean(0).to(means.dtype).double()
+    shifts = []
     for i in range(n):
         c = int(y[i])
         if not 0 <= c < k:
             shifts.append(torch.zeros_like(x[i]))
-        elif int(counts[c] + pending[c]) == 0:
-            shifts.append(x[first.setdefault(c, i)].to(means.dtype).double())
         else:
-            shifts.append(means[c].double())
+            shifts.append(fresh[c] if c in fresh else means[c].double())
     e = x - torch.stack(shifts) if n else x.clone()
     sq = (e * e).sum(1)
     good = [float(sq[i]) for i in range(n) if bool(finite[i]) and 0 <= int(y[i]) < k]
+    good = [float("inf") if v != v else v for v in good]  # NaN (a new class's NaN row) counts as Inf
     peak = max(good, default=0.0)
     accepted = bad_label < 0 and bad_row < 0 and peak <= limit
     status = torch.tensor([float(accepted), peak, float(bad_label), float(bad_row)], dtype=torch.float64)
     if not accepted:
         return torch.zeros(x.shape, dtype=compute), status, means, pending, sums, sqsums
-    for c, i in first.items():
-        means[c] = x[i].to(means.dtype)
+    for c, shift in fresh.items():
+        means[c] = shift.to(means.dtype)
     pending.index_add_(0, y, torch.ones_like(y))
     sums.index_add_(0, y, e.to(sums.dtype))
     sqsums.index_add_(0, y, sq)

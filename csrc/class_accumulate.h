@@ -2,9 +2,9 @@
 //
 // class_accumulate adds a batch to ClassStats' pending block (collapse_ext/stats.py):
 // each row is centred about its class's shift c_k, the class mean at the last fold (the
-// `means` row), or, for a class with no row yet (counts_k + pending_k == 0), the batch's
-// first row of that class rounded to the state dtype, which then becomes that class's
-// `means` row. With e_i = h_i - c_{y_i} formed in float64:
+// `means` row), or, for a class with no row yet (counts_k + pending_k == 0), the mean of
+// that class's rows in the batch rounded to the state dtype, which then becomes that
+// class's `means` row. With e_i = h_i - c_{y_i} formed in float64:
 //   pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2, centred_i = e_i (compute dtype).
 // The batch is all or nothing: any label outside [0, K), any NaN/Inf feature, or any
 // ||e_i||^2 > limit leaves every state tensor as it was and zeroes `centred`.

@@ -70,14 +70,14 @@ def test_non_contiguous(device):
     _compare(torch.randn(24, 300, generator=g).to(device).t(), y, _state(5, 24, device))
 
 
-def test_new_class_takes_its_first_row(device):
+def test_new_class_is_centred_about_its_batch_mean(device):
     x = torch.tensor([[1.0, 2.0], [5.0, 5.0], [3.0, 6.0]], device=device)
     y = torch.tensor([1, 0, 1], device=device)
     state = _state(2, 2, device, seen=(0,))
     _compare(x, y, state)
     counts, means, pending, sums, sqsums = state
-    assert means[1].tolist() == [1.0, 2.0]
-    assert sums[1].tolist() == [2.0, 4.0] and pending.tolist() == [1, 2] and sqsums[1].item() == 20.0
+    assert means[1].tolist() == [2.0, 4.0]
+    assert sums[1].tolist() == [0.0, 0.0] and pending.tolist() == [1, 2] and sqsums[1].item() == 10.0
 
 
 @pytest.mark.parametrize(

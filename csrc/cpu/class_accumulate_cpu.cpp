@@ -30,10 +30,12 @@ template <typename scalar_t, typename label_t, typename state_t, typename comput
 void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n, int64_t d,
                              int64_t num_classes, const int64_t* counts, state_t* means, int64_t* pending,
                              state_t* sums, double* sqsums, double limit, compute_t* centred, double* status) {
-  // Shift of each row: its class's means row, or, for a class with no row yet, that
-  // class's first row in this batch rounded to the state dtype (copied once into `fresh`).
-  std::vector<int64_t> source(n, -1);  // -1: means row; r >= 0: batch row r
-  std::unordered_map<int64_t, int64_t> first;
+  // Shift of each row: its class's means row, or, for a class with no row yet, the mean
+  // of that class's rows in this batch (float64 sums, rounded once to the state dtype, in
+  // `fresh`): a single row would leave a rank-one spike of d times the within-class
+  // variance in the float32 products, which costs digits until the next fold.
+  std::vector<int64_t> slot(n, -1);  // row of `fresh` of the row's class, -1: means row
+  std::unordered_map<int64_t, int64_t> slot_of;  // new class -> row of `fresh`
   int64_t bad_label = -1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
@@ -41,26 +43,30 @@ void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_
       if (bad_label < 0) bad_label = i;
       continue;
     }
-    if (counts[k] + pending[k] == 0) source[i] = first.emplace(k, i).first->second;
+    if (counts[k] + pending[k] == 0)
+      slot[i] = slot_of.emplace(k, static_cast<int64_t>(slot_of.size())).first->second;
   }
-  std::unordered_map<int64_t, int64_t> slot;  // batch row -> row of `fresh`
-  std::vector<state_t> fresh(first.size() * d);
-  for (const auto& [k, r] : first) {
-    const int64_t s = static_cast<int64_t>(slot.size());
-    slot.emplace(r, s);
-    for (int64_t j = 0; j < d; ++j) fresh[s * d + j] = static_cast<state_t>(x[r * row_stride + j]);
+  const int64_t fresh_rows = static_cast<int64_t>(slot_of.size());
+  std::vector<double> fresh_sum(fresh_rows * d, 0.0), fresh_count(fresh_rows, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (slot[i] < 0) continue;
+    double* sum = fresh_sum.data() + slot[i] * d;
+    const scalar_t* row = x + i * row_stride;
+    for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(row[j]);
+    fresh_count[slot[i]] += 1.0;
   }
+  std::vector<state_t> fresh(fresh_rows * d);
+  for (int64_t r = 0; r < fresh_rows; ++r)
+    for (int64_t j = 0; j < d; ++j) fresh[r * d + j] = static_cast<state_t>(fresh_sum[r * d + j] / fresh_count[r]);
   std::vector<const state_t*> shift(n, nullptr);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
     if (k < 0 || k >= num_classes) continue;
-    shift[i] = source[i] < 0 ? means + k * d : fresh.data() + slot.at(source[i]) * d;
+    shift[i] = slot[i] < 0 ? means + k * d : fresh.data() + slot[i] * d;
   }
 
   std::vector<double> sq(n, 0.0);
   std::vector<char> finite(n, 1);
-  // The float64 centred rows, kept for pass 2 so it streams them instead of gathering the
-  // shift rows of a (K, d) state a second time (random rows of a large K cost most).
   const int64_t grain = std::max<int64_t>(kRowGrain, kMinParallelElements / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -103,8 +109,8 @@ void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_
   for (int64_t i = 0; i < n; ++i) {
     if (!finite[i]) {
       if (bad_row < 0) bad_row = i;
-    } else if (sq[i] > peak || std::isnan(sq[i])) {
-      peak = sq[i];
+    } else {
+      peak = std::max(peak, std::isnan(sq[i]) ? std::numeric_limits<double>::infinity() : sq[i]);
     }
   }
   const bool accepted = bad_label < 0 && bad_row < 0 && peak <= limit;
@@ -131,7 +137,7 @@ void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_
         sum[j] += static_cast<state_t>(static_cast<double>(row[j]) - static_cast<double>(c[j]));
     }
   });
-  for (const auto& [k, r] : first) std::copy_n(fresh.data() + slot.at(r) * d, d, means + k * d);
+  for (const auto& [k, r] : slot_of) std::copy_n(fresh.data() + r * d, d, means + k * d);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
     pending[k] += 1;

@@ -1,13 +1,17 @@
 // class_accumulate on CUDA (see csrc/class_accumulate.h for the contract).
 //
-// Three kernels on the current stream, no host synchronisation:
-//   1. first_rows_kernel: the first batch row of each class with no row yet (atomicMin
-//      into a (K,) scratch) and the first row with a bad label;
-//   2. centre_kernel: a block per row centres it in float64, writes it in the compute
-//      dtype, its squared norm, the row's shift source, the first non-finite row and the
-//      largest squared norm (atomicMax on the bits of a non-negative double);
-//   3. accumulate_kernel: if the batch passed (read on the device), adds each row into
-//      the (K, d) sums with atomics, else zeroes `centred`.
+// Four kernels on the current stream, no host synchronisation:
+//   1. first_rows_kernel: marks each class with no row yet (atomicMin of its first row
+//      into a (K,) scratch) and the first row with a bad label; a cumulative sum then
+//      numbers those new classes (slots, at most N of them);
+//   2. fresh_sums_kernel: float64 sums of the new classes' rows per slot, whose means
+//      (rounded to the state dtype) are the new classes' shifts;
+//   3. centre_kernel: a block per row centres it in float64, writes it in the compute
+//      dtype, its squared norm, the first non-finite row and the largest squared norm
+//      (atomicMax on the bits of a non-negative double);
+//   4. accumulate_kernel: if the batch passed (read on the device), adds each row into
+//      the (K, d) sums with atomics and writes the new classes' means rows, else zeroes
+//      `centred`.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,28 +52,46 @@ __global__ void first_rows_kernel(const label_t* __restrict__ y, int64_t n, int6
   }
 }
 
+template <typename scalar_t, typename label_t>
+__global__ void fresh_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride, const label_t* __restrict__ y,
+                                  int64_t n, int64_t d, int64_t num_classes, const int64_t* __restrict__ first,
+                                  const int64_t* __restrict__ slot, double* __restrict__ fresh_sum,
+                                  double* __restrict__ fresh_count) {
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int64_t k = static_cast<int64_t>(y[i]);
+    if (k < 0 || k >= num_classes || first[k] >= n) continue;  // uniform over the block
+    const int64_t s = slot[k];
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) atomicAdd(fresh_sum + s * d + j, to_double(x[i * row_stride + j]));
+    if (threadIdx.x == 0) atomicAdd(fresh_count + s, 1.0);
+  }
+}
+
+// The shift row of class k: its means row, or the new class's batch mean.
+template <typename state_t>
+__device__ __forceinline__ const state_t* shift_row(int64_t k, int64_t n, int64_t d, const int64_t* first,
+                                                    const int64_t* slot, const state_t* means, const state_t* fresh) {
+  return first[k] < n ? fresh + slot[k] * d : means + k * d;
+}
+
 template <typename scalar_t, typename label_t, typename state_t, typename compute_t>
 __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t row_stride, const label_t* __restrict__ y,
-                              int64_t n, int64_t d, int64_t num_classes, const int64_t* __restrict__ counts,
-                              const int64_t* __restrict__ pending, const int64_t* __restrict__ first,
-                              const state_t* __restrict__ means, compute_t* __restrict__ centred,
-                              double* __restrict__ sq, int64_t* __restrict__ source, int64_t* __restrict__ flags) {
+                              int64_t n, int64_t d, int64_t num_classes, const int64_t* __restrict__ first,
+                              const int64_t* __restrict__ slot, const state_t* __restrict__ means,
+                              const state_t* __restrict__ fresh, compute_t* __restrict__ centred,
+                              double* __restrict__ sq, int64_t* __restrict__ flags) {
   __shared__ double scratch[kThreads / kWarp];
   __shared__ int bad[kThreads / kWarp];
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const int64_t k = static_cast<int64_t>(y[i]);
     if (k < 0 || k >= num_classes) continue;  // uniform over the block
-    const int64_t src = counts[k] + pending[k] == 0 ? first[k] : -1;
     const scalar_t* row = x + i * row_stride;
-    const scalar_t* origin = x + (src < 0 ? 0 : src) * row_stride;
-    const state_t* mean = means + k * d;
+    const state_t* c = shift_row(k, n, d, first, slot, means, fresh);
     double s = 0.0;
     int nonfinite = 0;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       const double v = to_double(row[j]);
       nonfinite |= !isfinite(v);
-      const double c = src < 0 ? static_cast<double>(mean[j]) : static_cast<double>(static_cast<state_t>(origin[j]));
-      const double e = v - c;
+      const double e = v - static_cast<double>(c[j]);
       centred[i * d + j] = static_cast<compute_t>(e);
       s += e * e;
     }
@@ -77,7 +99,6 @@ __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t row_stride
     nonfinite = block_sum(nonfinite, bad);
     if (threadIdx.x == 0) {
       sq[i] = s;
-      source[i] = src;
       if (nonfinite) {
         atomicMin(reinterpret_cast<ull*>(flags + 1), static_cast<ull>(i));
       } else {
@@ -90,7 +111,8 @@ __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t row_stride
 
 template <typename scalar_t, typename label_t, typename state_t, typename compute_t>
 __global__ void accumulate_kernel(const scalar_t* __restrict__ x, int64_t row_stride, const label_t* __restrict__ y,
-                                  int64_t n, int64_t d, const int64_t* __restrict__ source,
+                                  int64_t n, int64_t d, const int64_t* __restrict__ first,
+                                  const int64_t* __restrict__ slot, const state_t* __restrict__ fresh,
                                   const double* __restrict__ sq, const int64_t* __restrict__ flags, double limit,
                                   state_t* __restrict__ means, int64_t* __restrict__ pending,
                                   state_t* __restrict__ sums, double* __restrict__ sqsums,
@@ -103,18 +125,14 @@ __global__ void accumulate_kernel(const scalar_t* __restrict__ x, int64_t row_st
       continue;
     }
     const int64_t k = static_cast<int64_t>(y[i]);
-    const int64_t src = source[i];
     const scalar_t* row = x + i * row_stride;
-    const scalar_t* origin = x + (src < 0 ? 0 : src) * row_stride;
-    state_t* mean = means + k * d;
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-      const double c = src < 0 ? static_cast<double>(mean[j]) : static_cast<double>(static_cast<state_t>(origin[j]));
-      atomicAdd(sums + k * d + j, static_cast<state_t>(to_double(row[j]) - c));
-    }
-    // Only a new class's own first row writes its means row; the class's other rows read
-    // their shift from that batch row, never from `means`.
-    if (src == i)
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) mean[j] = static_cast<state_t>(row[j]);
+    // New classes read their shift from `fresh`, never from `means`, so the class's first
+    // row may write its means row while other rows are being added.
+    const state_t* c = shift_row(k, n, d, first, slot, static_cast<const state_t*>(means), fresh);
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+      atomicAdd(sums + k * d + j, static_cast<state_t>(to_double(row[j]) - static_cast<double>(c[j])));
+    if (first[k] == i)
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) means[k * d + j] = c[j];
     if (threadIdx.x == 0) {
       atomicAdd(sqsums + k, sq[i]);
       atomicAdd(reinterpret_cast<ull*>(pending + k), 1ull);
@@ -135,33 +153,41 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& featu
   if (n > 0) {
     auto first = at::full({k}, n, opts);
     auto sq = at::empty({n}, a.x.options().dtype(at::kDouble));
-    auto source = at::empty({n}, opts);
     const auto stream = at::cuda::getCurrentCUDAStream();
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>(n, 32 * sms));
     const int64_t label_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 8 * sms));
+    const int64_t fresh_rows = std::min(n, k);  // at most one per row or class
+    auto fresh_sum = at::zeros({fresh_rows, d}, a.x.options().dtype(at::kDouble));
+    auto fresh_count = at::zeros({fresh_rows}, a.x.options().dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "class_accumulate_cuda", [&] {
       using scalar = scalar_t;
       AT_DISPATCH_INDEX_TYPES(a.y.scalar_type(), "class_accumulate_cuda", [&] {
         using label = index_t;
+        first_rows_kernel<label><<<label_blocks, 256, 0, stream>>>(
+            a.y.const_data_ptr<label>(), n, k, counts.const_data_ptr<int64_t>(), pending.const_data_ptr<int64_t>(),
+            first.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto slot = (first < n).to(at::kLong).cumsum(0).sub_(1).contiguous();
+        fresh_sums_kernel<scalar, label><<<row_blocks, kThreads, 0, stream>>>(
+            a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d, k,
+            first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), fresh_sum.data_ptr<double>(),
+            fresh_count.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto fresh = fresh_sum.div(fresh_count.clamp_min(1.0).unsqueeze(1)).to(means.scalar_type()).contiguous();
         AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "class_accumulate_cuda", [&] {
           using state = scalar_t;
           auto run = [&](auto* centred) {
-            first_rows_kernel<label><<<label_blocks, 256, 0, stream>>>(
-                a.y.const_data_ptr<label>(), n, k, counts.const_data_ptr<int64_t>(),
-                pending.const_data_ptr<int64_t>(), first.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
             centre_kernel<<<row_blocks, kThreads, 0, stream>>>(
                 a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d, k,
-                counts.const_data_ptr<int64_t>(), pending.const_data_ptr<int64_t>(), first.const_data_ptr<int64_t>(),
-                means.const_data_ptr<state>(), centred, sq.data_ptr<double>(), source.data_ptr<int64_t>(),
-                flags.data_ptr<int64_t>());
+                first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), means.const_data_ptr<state>(),
+                fresh.const_data_ptr<state>(), centred, sq.data_ptr<double>(), flags.data_ptr<int64_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             accumulate_kernel<<<row_blocks, kThreads, 0, stream>>>(
                 a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d,
-                source.const_data_ptr<int64_t>(), sq.const_data_ptr<double>(), flags.const_data_ptr<int64_t>(),
-                limit, means.data_ptr<state>(), pending.data_ptr<int64_t>(), sums.data_ptr<state>(),
-                sqsums.data_ptr<double>(), centred);
+                first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), fresh.const_data_ptr<state>(),
+                sq.const_data_ptr<double>(), flags.const_data_ptr<int64_t>(), limit, means.data_ptr<state>(),
+                pending.data_ptr<int64_t>(), sums.data_ptr<state>(), sqsums.data_ptr<double>(), centred);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           };
           if (a.centred.scalar_type() == at::kDouble)

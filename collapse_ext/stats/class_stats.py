@@ -1,29 +1,4 @@
-"""Streaming sufficient statistics of neural collapse (SPEC: "Sufficient statistics").
-
-``ClassStats`` accumulates, per class, the count n_k, the mean mu_k and the sum of
-squared deviations ss_k, and optionally the pooled within-class scatter S_W.
-
-How an update stays exact and costs one GEMM
----------------------------------------------
-Rows are centred about a per-class *shift* c_k: the class mean at the last fold (for a
-class first seen in the current block, its first row). Between folds ("the pending
-block", at most ``fold_rows`` rows) an update only adds, with no host synchronisation
-in ``check="deferred"`` mode and O(rows x d) work whatever K:
-
-    m_k += 1,  t_k += e_i,  q_k += ||e_i||^2,  P += e_i e_i^T,   e_i = h_i - c_{y_i},
-
-with e_i formed in float64 and P accumulated in float32 (float64 for fp64 features, or
-when float32 could overflow). A fold (every ``fold_rows`` rows, and before any read)
-merges the block exactly: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
-rows (Chan, Golub & LeVeque 1979),
-
-    mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,
-    S_W  <- S_W + P - sum_k t_k t_k^T / N_k.
-
-Because c_k is within a few standard deviations of the class mean, e_i carries no common
-offset and the correction term is small: nothing cancels, even on fully collapsed
-features. The one-pass identity sum h h^T - n mu mu^T is never used.
-"""
+"""ClassStats: the streaming accumulator (see the package docstring for the algebra)."""
 
 from __future__ import annotations
 
@@ -31,8 +6,10 @@ from typing import Any
 
 import torch
 
-from ._ops import check_backend, class_accumulate
-from ._validate import choice, float_dtype, positive_int, tensor
+from .._ops import check_backend, class_accumulate
+from .._validate import choice, float_dtype, positive_int, tensor
+from .merge import Mergeable
+from .slots import _FOLDED, _SLOTS, StatePersistence
 
 __all__ = ["ClassStats"]
 
@@ -45,7 +22,7 @@ _F32_LIMIT = 1e36
 _F64_LIMIT = 1e300
 
 
-class ClassStats:
+class ClassStats(StatePersistence, Mergeable):
     """Exact, mergeable per-class statistics of features (N, d) with labels in [0, K).
 
     Args:
@@ -104,22 +81,13 @@ class ClassStats:
 
     # ------------------------------------------------------------------ state
     def _allocate(self, device: torch.device) -> None:
-        k, d = self.num_classes, self.dim
-        f64 = dict(dtype=torch.float64, device=device)
-        state = dict(dtype=self.state_dtype, device=device)
         with torch.inference_mode(False):
-            # Folded state: exact statistics of every row up to the last fold.
-            self._n = torch.zeros(k, dtype=torch.int64, device=device)
-            self._mu = torch.zeros(k, d, **state)
-            self._ss = torch.zeros(k, **f64)
-            self._sw = torch.zeros(d, d, **f64) if self.within_cov_enabled else None
-            # Pending block, about the shifts c_k (= _mu rows).
-            self._m = torch.zeros(k, dtype=torch.int64, device=device)
-            self._t = torch.zeros(k, d, **state)
-            self._q = torch.zeros(k, **f64)
-            self._p = torch.zeros(d, d, dtype=torch.float32, device=device) if self.within_cov_enabled else None
-            self._p64: torch.Tensor | None = None
-            self._rejected = torch.zeros(2, dtype=torch.int64, device=device)  # batches, rows
+            for slot in _SLOTS:
+                value = None
+                if self.within_cov_enabled or not slot.cov:
+                    value = torch.zeros(self._shape(slot), dtype=self._dtype(slot), device=device)
+                setattr(self, slot.attr, value)
+        self._p64: torch.Tensor | None = None  # float64 products of the pending block, when needed
         self._pending_rows = 0
         self.wide_product = False
 
@@ -158,13 +126,11 @@ class ClassStats:
     def _parts(self) -> tuple[torch.Tensor, ...]:
         """The folded state (counts, means, sqdev[, scatter])."""
         self._fold()
-        parts = (self._n, self._mu, self._ss)
-        return parts + ((self._sw,) if self._sw is not None else ())
+        return tuple(getattr(self, slot.attr) for slot in self._active(_FOLDED))
 
     def _assign(self, parts: tuple[torch.Tensor, ...]) -> None:
-        self._n, self._mu, self._ss = parts[0], parts[1].to(self.state_dtype), parts[2]
-        if self._sw is not None:
-            self._sw = parts[3]
+        for slot, value in zip(self._active(_FOLDED), parts):
+            setattr(self, slot.attr, value.to(self._dtype(slot)))
 
     # ----------------------------------------------------------------- update
     def _validate(self, features: Any, labels: Any) -> None:
@@ -298,96 +264,6 @@ class ClassStats:
                 self._q.index_fill_(0, rows, 0.0)
         self._pending_rows = 0
 
-    def _merged(self, other: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Chan et al. pairwise merge of this (folded) state with another (counts, means, sqdev[, scatter])."""
-        n_a, mu_a, ss_a = self._parts()[:3]
-        n_b, mu_b, ss_b = other[:3]
-        n = n_a + n_b
-        na, nb, nf = n_a.double(), n_b.double(), n.double()
-        safe = nf.clamp_min(1.0)
-        delta = mu_b.double() - mu_a.double()
-        mu = mu_a.double() + delta * (nb / safe).unsqueeze(1)
-        c = na * nb / safe
-        ss = ss_a + ss_b + c * (delta * delta).sum(1)
-        merged = (n, mu, ss)
-        if self._sw is not None:
-            scaled = delta * c.unsqueeze(1)
-            merged += (self._sw + other[3] + scaled.T @ delta,)
-        return merged
-
-    def merge(self, other: ClassStats) -> ClassStats:
-        """Fold another accumulator's statistics into this one (exact, order-independent
-        up to rounding). ``other`` is not modified."""
-        if not isinstance(other, ClassStats):
-            raise TypeError(f"Expected `other` to be a ClassStats, got {type(other).__name__}")
-        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
-            raise ValueError(
-                f"Expected `other` with num_classes={self.num_classes}, dim={self.dim}, "
-                f"got num_classes={other.num_classes}, dim={other.dim}"
-            )
-        if self.within_cov_enabled and not other.within_cov_enabled:
-            raise ValueError("Expected `other` to track within_cov like this ClassStats")
-        other.check_rejected()
-        parts = other._parts()[:3] + ((other._sw,) if self._sw is not None else ())
-        self._assign(self._merged(tuple(p.to(self.device) for p in parts)))
-        return self
-
-    def all_reduce(self, group: Any = None) -> ClassStats:
-        """Merge the statistics of every rank of ``group`` exactly; all ranks end equal.
-
-        First one small all-gather checks that every rank has the same K, d, within_cov
-        and state dtype (a mismatch raises the same error on every rank). Then two sum
-        all-reduces (any backend): counts and n_k mu_k, which give the pooled means; then
-        ss_k and S_W plus every rank's between-shard terms n_rk ||mu_rk - mu_k||^2 and
-        n_rk (mu_rk - mu_k)(mu_rk - mu_k)^T about those pooled means. Same result as
-        Chan's merge, with O(state) memory.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("all_reduce needs torch.distributed to be initialised (init_process_group)")
-        self._agree_shapes(dist, group)
-        self.check_rejected()
-        self._fold()
-        k, d = self.num_classes, self.dim
-        n_local = self._n.double()
-        mu_local = self._mu.double()
-        first = torch.cat([n_local, (mu_local * n_local.unsqueeze(1)).flatten()])
-        dist.all_reduce(first, group=group)
-        n = first[:k]
-        mu = first[k:].view(k, d) / n.clamp_min(1.0).unsqueeze(1)
-        delta = mu_local - mu
-        delta = torch.where(n_local.unsqueeze(1) > 0, delta, torch.zeros_like(delta))
-        second = [self._ss + n_local * (delta * delta).sum(1)]
-        if self._sw is not None:
-            second.append((self._sw + (delta * n_local.unsqueeze(1)).T @ delta).flatten())
-        flat = torch.cat(second)
-        dist.all_reduce(flat, group=group)
-        self._n = n.round().long()
-        self._mu = mu.to(self.state_dtype)
-        self._ss = flat[:k].clone()
-        if self._sw is not None:
-            self._sw = flat[k:].view(d, d).clone()
-        return self
-
-    def _agree_shapes(self, dist: Any, group: Any) -> None:
-        mine = torch.tensor(
-            [self.num_classes, self.dim, int(self.within_cov_enabled), int(self.state_dtype == torch.float64)],
-            dtype=torch.int64,
-        )
-        backend = dist.get_backend(group)
-        device = self.device if backend == "nccl" else torch.device("cpu")
-        world = dist.get_world_size(group)
-        gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
-        dist.all_gather(gathered, mine.to(device), group=group)
-        seen = {tuple(int(v) for v in g.cpu()) for g in gathered}
-        if len(seen) > 1:
-            names = "(num_classes, dim, within_cov, float64 state)"
-            raise ValueError(
-                f"Expected every rank to hold ClassStats of the same {names}, got {sorted(seen)}; "
-                "construct them identically on every rank"
-            )
-
     # ------------------------------------------------------------------ reads
     def check_rejected(self) -> None:
         """Raise if a deferred-check update dropped a bad batch (one host sync)."""
@@ -457,91 +333,8 @@ class ClassStats:
         return (centred * w.unsqueeze(1)).T @ centred
 
     # ------------------------------------------------------------- persistence
-    def state_dict(self) -> dict[str, Any]:
-        """The folded statistics and their metadata (tensors are copies)."""
-        self._fold()
-        state = {
-            "num_classes": self.num_classes,
-            "dim": self.dim,
-            "within_cov": self.within_cov_enabled,
-            "global_mean": self.global_mean_mode,
-            "check": self.check,
-            "state_dtype": str(self.state_dtype).replace("torch.", ""),
-            "counts": self._n.clone(),
-            "means": self._mu.clone(),
-            "sqdev": self._ss.clone(),
-            "rejected": self._rejected.clone(),
-        }
-        if self._sw is not None:
-            state["scatter"] = self._sw.clone()
-        return state
-
-    def load_state_dict(self, state: Any) -> None:
-        """Replace the statistics by a ``state_dict()``'s. Everything is validated first;
-        a state that does not fit raises and leaves this object as it was."""
-        parts = _checked_state(state, self.num_classes, self.dim, self.within_cov_enabled)
-        device = self.device
-        with torch.inference_mode(False):
-            counts, means, sqdev, scatter, rejected, mode = parts
-            new = ClassStats.__new__(ClassStats)
-            new.__dict__.update(self.__dict__)
-            new._allocate(device)
-        new._n = counts.to(device, torch.int64).clone()
-        new._mu = means.to(device, self.state_dtype).clone()
-        new._ss = sqdev.to(device, torch.float64).clone()
-        if scatter is not None:
-            new._sw = scatter.to(device, torch.float64).clone()
-        new._rejected = rejected.to(device).clone()
-        new.global_mean_mode = mode
-        self.__dict__.update(new.__dict__)
-
     def __repr__(self) -> str:
         return (
             f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, samples={self.num_samples}, "
             f"present={int(self.present.sum())}, within_cov={self.within_cov_enabled}, device={self.device})"
         )
-
-
-def _checked_state(state: Any, k: int, d: int, within_cov: bool) -> tuple:
-    """Validate a ClassStats state dict against (K, d, within_cov); return its parts."""
-    if not isinstance(state, dict):
-        raise TypeError(f"Expected `state` to be a dict from ClassStats.state_dict(), got {type(state).__name__}")
-    required = ["num_classes", "dim", "within_cov", "global_mean", "counts", "means", "sqdev"]
-    required += ["scatter"] if within_cov else []
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise ValueError(f"Expected `state` to have the keys {required}, missing {missing}")
-    meta = (state["num_classes"], state["dim"], state["within_cov"])
-    if meta != (k, d, within_cov):
-        raise ValueError(f"Expected a state with (num_classes, dim, within_cov) = {(k, d, within_cov)}, got {meta}")
-    mode = choice(state["global_mean"], "state['global_mean']", ("sample", "class"))
-    shapes = {"counts": (k,), "means": (k, d), "sqdev": (k,), "scatter": (d, d)}
-    for key, shape in shapes.items():
-        if key not in state or (key == "scatter" and not within_cov):
-            continue
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"Expected `state['{key}']` to be a tensor of shape {shape}, got {got}")
-    counts = state["counts"]
-    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
-        raise ValueError(f"Expected `state['counts']` to be an integer tensor, got {counts.dtype}")
-    if bool((counts < 0).any()):
-        raise ValueError("Expected `state['counts']` to be non-negative")
-    for key in ("means", "sqdev", "scatter"):
-        value = state.get(key) if (key != "scatter" or within_cov) else None
-        if value is None:
-            continue
-        if not value.is_floating_point():
-            raise ValueError(f"Expected `state['{key}']` to be a float tensor, got {value.dtype}")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"Expected `state['{key}']` to be finite")
-    if bool((state["sqdev"] < 0).any()):
-        raise ValueError("Expected `state['sqdev']` to be non-negative")
-    rejected = state.get("rejected", torch.zeros(2, dtype=torch.int64))
-    if not isinstance(rejected, torch.Tensor) or rejected.numel() not in (1, 2) or rejected.is_floating_point():
-        raise ValueError("Expected `state['rejected']` to be an integer tensor of (batches[, rows])")
-    rejected = rejected.reshape(-1).long()
-    if rejected.numel() == 1:  # states saved before rows were counted
-        rejected = torch.cat([rejected, torch.zeros(1, dtype=torch.int64)])
-    return counts, state["means"], state["sqdev"], state.get("scatter") if within_cov else None, rejected, mode

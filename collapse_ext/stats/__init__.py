@@ -1,0 +1,30 @@
+"""Streaming sufficient statistics of neural collapse (SPEC: "Sufficient statistics").
+
+``ClassStats`` accumulates, per class, the count n_k, the mean mu_k and the sum of
+squared deviations ss_k, and optionally the pooled within-class scatter S_W.
+
+How an update stays exact and costs one GEMM
+---------------------------------------------
+Rows are centred about a per-class *shift* c_k: the class mean at the last fold (for a
+class first seen in the current batch, its mean in that batch). Between folds ("the pending
+block", at most ``fold_rows`` rows) an update only adds, with no host synchronisation
+in ``check="deferred"`` mode and O(rows x d) work whatever K:
+
+    m_k += 1,  t_k += e_i,  q_k += ||e_i||^2,  P += e_i e_i^T,   e_i = h_i - c_{y_i},
+
+with e_i formed in float64 and P accumulated in float32 (float64 for fp64 features, or
+when float32 could overflow). A fold (every ``fold_rows`` rows, and before any read)
+merges the block exactly: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
+rows (Chan, Golub & LeVeque 1979),
+
+    mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,
+    S_W  <- S_W + P - sum_k t_k t_k^T / N_k.
+
+Because c_k is within a few standard deviations of the class mean, e_i carries no common
+offset and the correction term is small: nothing cancels, even on fully collapsed
+features. The one-pass identity sum h h^T - n mu mu^T is never used.
+"""
+
+from .class_stats import ClassStats
+
+__all__ = ["ClassStats"]
