@@ -1,0 +1,6 @@
+"""Adapters for third-party libraries, each imported only when used (SPEC: "Language
+models"): ``import collapse_ext`` imports none of them.
+
+- :mod:`collapse_ext.integrations.transformers`: :class:`LMCollapseMonitor` for causal
+  language models of Hugging Face ``transformers`` (the vocabulary as classes).
+"""

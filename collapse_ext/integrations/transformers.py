@@ -1,0 +1,405 @@
+"""Neural collapse of causal language models (SPEC: "Language models"): the classes are the
+vocabulary, the label of position t is the next token, W is the output embedding.
+
+:class:`LMCollapseMonitor` is a :class:`~collapse_ext.CollapseMonitor` for any
+``transformers`` model with an output embedding (``model.get_output_embeddings()``)::
+
+    monitor = LMCollapseMonitor(model, layers="all", min_count=5)
+    for batch in loader:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        monitor.update(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward(); opt.step(); opt.zero_grad()
+    result = monitor.compute()   # an LMResult: per-layer bundles + frequency views
+
+A forward pre-hook on the output embedding records its input, the final hidden states
+(B, T, d) (no second forward, no ``output_hidden_states``); ``update`` keeps the
+positions that have a label and feeds them to the per-layer :class:`~collapse_ext.ClassStats`.
+
+Token counts are Zipfian, so besides the bundle over all present tokens (``result.layers``)
+the result has frequency views of the final hidden states (``result.views``): the tokens
+with n_k >= ``min_count`` (``"frequent"``), and, among those, the buckets ``"head"`` (the
+top ``head`` fraction of token types by count), ``"tail"`` (the bottom ``tail`` fraction)
+and ``"body"`` (the rest). The tail tokens are the minority set of Minority Collapse
+(Fang et al. 2021) in every bundle: ``minority_cos_mean`` (cosines among rare-token
+classifier rows) against ``majority_cos_mean`` (among the others).
+
+``transformers`` is imported by nothing here: the monitor only calls the model's
+``get_output_embeddings()`` and reads ``model.config.num_hidden_layers``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .._validate import index, positive_int
+from ..metrics import CollapseMetrics, collapse_metrics
+from ..monitor import PENULTIMATE, CollapseMonitor, MonitorResult
+from ..stats import ClassStats
+
+__all__ = ["VIEWS", "FrequencyBuckets", "LMCollapseMonitor", "LMResult", "frequency_buckets", "restrict"]
+
+# The frequency views of an LMResult, in this order.
+VIEWS = ("frequent", "head", "body", "tail")
+_NOT_ALLOWED = ("classifier", "num_classes", "penultimate", "pool", "minority", "minority_threshold")
+
+
+class FrequencyBuckets(NamedTuple):
+    """Token ids (int64, by descending count, ties by id) of each frequency bucket of the
+    tokens with n_k >= min_count, and the present tokens below it (``rare``, by id)."""
+
+    head: torch.Tensor
+    body: torch.Tensor
+    tail: torch.Tensor
+    rare: torch.Tensor
+
+    @property
+    def frequent(self) -> torch.Tensor:
+        """Every token with n_k >= min_count (head, body, tail), by descending count."""
+        return torch.cat([self.head, self.body, self.tail])
+
+
+def _fraction(value: Any, name: str, closed: bool) -> float:
+    x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (0 < x <= 1 if closed else 0 <= x < 1):
+        interval = "(0, 1]" if closed else "[0, 1)"
+        raise ValueError(f"Expected `{name}` to be a number in {interval}, got {value!r}")
+    return x
+
+
+def frequency_buckets(
+    counts: torch.Tensor, *, min_count: int = 2, head: float = 0.01, tail: float = 0.5
+) -> FrequencyBuckets:
+    """Split the tokens by frequency.
+
+    counts: (K,) int, n_k per token. Over the F tokens with n_k >= ``min_count``, sorted by
+    descending count (ties by id): ``head`` = the first max(1, ceil(head * F)), ``tail`` =
+    the last floor(tail * F) of the rest, ``body`` = what is between; ``rare`` = the
+    present tokens (n_k >= 1) below ``min_count``. Example: Zipf counts n_k = 1000 // (k+1)
+    for K = 1000, min_count 2: F = 500 (n_k >= 2 up to k = 499), head = [0, 1, 2, 3, 4],
+    tail = the 250 tokens 250..499, rare = 500..999.
+    """
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.is_floating_point():
+        got = f"{tuple(counts.shape)} {counts.dtype}" if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise ValueError(f"Expected `counts` to be a (K,) integer tensor, got {got}")
+    min_count = positive_int(min_count, "min_count")
+    head = _fraction(head, "head", closed=True)
+    tail = _fraction(tail, "tail", closed=False)
+    counts = counts.detach().cpu().long()
+    kept = (counts >= min_count).nonzero().flatten()
+    order = kept[torch.argsort(-counts[kept], stable=True)]
+    f = order.numel()
+    n_head = min(f, max(1, math.ceil(head * f)))
+    n_tail = min(f - n_head, math.floor(tail * f))
+    rare = ((counts >= 1) & (counts < min_count)).nonzero().flatten()
+    return FrequencyBuckets(order[:n_head], order[n_head : f - n_tail], order[f - n_tail :], rare)
+
+
+def restrict(stats: ClassStats, classes: torch.Tensor | Sequence[int]) -> ClassStats:
+    """The statistics of the classes ``classes`` (K',) of ``stats`` as a K'-class ClassStats,
+    class j being ``classes[j]``. The pooled S_W cannot be split by class, so the result has
+    none (NC1's trace ratio needs it; the NC1 quotient and CDNV use the per-class ss_k)."""
+    idx = torch.as_tensor(classes, dtype=torch.int64).to(stats.device)
+    k = positive_int(idx.numel(), "len(classes)")
+    state = stats.state_dict()
+    state.pop("scatter", None)
+    state.update(
+        num_classes=k,
+        within_cov=False,
+        counts=state["counts"][idx],
+        means=state["means"][idx],
+        sqdev=state["sqdev"][idx],
+    )
+    out = ClassStats(k, stats.dim, device=stats.device, within_cov=False, global_mean=stats.global_mean_mode)
+    out.load_state_dict(state)
+    return out
+
+
+def _entry(m: CollapseMetrics) -> dict[str, Any]:
+    return {
+        "metrics": m.to_dict(),
+        "absent_classes": list(m.absent_classes),
+        "minority_classes": list(m.minority_classes),
+        "ncc_means": m.ncc_means,
+        "undefined": dict(m.undefined),
+    }
+
+
+@dataclass
+class LMResult(MonitorResult):
+    """A :class:`~collapse_ext.MonitorResult` with the frequency views of the final hidden
+    states: ``views`` {``"frequent"``, ``"head"``, ``"body"``, ``"tail"``: CollapseMetrics}
+    (a view with no token is left out, with the reason in ``notes``) and ``buckets``
+    {view: {"tokens", "rows", "min_count", "max_count"}}. Class indices inside a view
+    (``absent_classes``, ``minority_classes``) are positions in the view, not token ids."""
+
+    views: dict[str, CollapseMetrics] = field(default_factory=dict)
+    buckets: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["views"] = {name: _entry(m) for name, m in self.views.items()}
+        out["buckets"] = {name: dict(b) for name, b in self.buckets.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LMResult:
+        base = MonitorResult.from_dict(data)
+        views = MonitorResult.from_dict({**data, "layers": data.get("views", {})}).layers
+        buckets = {k: {n: int(v) for n, v in b.items()} for k, b in data.get("buckets", {}).items()}
+        return cls(**{f.name: getattr(base, f.name) for f in fields(MonitorResult)}, views=views, buckets=buckets)
+
+    def flat(self) -> dict[str, float | int | str | None]:
+        """The base row plus ``view/<view>/<metric>`` for every view (None when absent), so
+        every row of a run has the same keys."""
+        row = super().flat()
+        names = CollapseMetrics().to_dict()
+        for view in VIEWS:
+            values = self.views[view].to_dict() if view in self.views else dict.fromkeys(names)
+            for key, value in values.items():
+                row[f"view/{view}/{key}"] = value
+        return row
+
+    def summary(self, layer: str | None = None) -> str:
+        line = super().summary(layer)
+        parts = []
+        for view in ("head", "body", "tail"):
+            m = self.views.get(view)
+            if m is not None and m.nc1_cdnv is not None:
+                parts.append(f"{view} {m.nc1_cdnv:.3g}")
+        return line + ("  CDNV by frequency: " + ", ".join(parts) if parts else "")
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) hidden states -> (B * T, d) rows, position-major within each sequence."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)
+    wrapped = isinstance(inner, nn.Module) and type(model).__name__ in ("DistributedDataParallel", "DataParallel")
+    return inner if wrapped else model
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the first ModuleList of config.num_hidden_layers modules."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
+            return list(module)
+    raise ValueError(
+        "Expected `model` to hold its blocks in an nn.ModuleList of config.num_hidden_layers modules, "
+        f"found none (num_hidden_layers={n!r}); pass layers='last'"
+    )
+
+
+class LMCollapseMonitor(CollapseMonitor):
+    """CollapseMonitor of a causal language model: classes = the vocabulary.
+
+    Args:
+        model: a ``transformers`` causal LM (or any ``nn.Module`` with
+            ``get_output_embeddings()`` returning a module with a (V, d) ``weight``; a DDP
+            wrapper is looked through). W is that weight (tied to the input embedding or
+            not, the same tensor either way); its bias, only if it has one.
+        layers: ``"last"`` (default: the final hidden states entering the output
+            embedding, layer ``"penultimate"``), ``"all"`` (also the output of every block,
+            ``"block0"``, ``"block1"``, ..., for the law of data separation across depth)
+            or a list of block indices (negative ones count from the end).
+        ignore_index: label value of positions without a target (default -100, as in
+            ``transformers``).
+        min_count: tokens with n_k < min_count are left out of the frequency views (their
+            mean and variance are too noisy); default 2.
+        head, tail: fractions of the frequent token types in the head and tail buckets
+            (default 0.01 and 0.5, see :func:`frequency_buckets`).
+        **kwargs: the other options of :class:`~collapse_ext.CollapseMonitor` (``every``,
+            ``within_cov``, ``max_cov_dim``, ``buffer_bytes``, ``train_ncc``, ``check``,
+            ``sync``, ``process_group``, ``loggers``, ``log_all_ranks``).
+
+    Defaults at vocabulary K: the state per layer is two (V, d) float64 arrays and, with
+    ``within_cov="auto"`` (d <= 4096), the (d, d) S_W that NC1's trace ratio needs;
+    CDNV, GNC2 and the NC1 quotient need only the per-class sums. ``train_ncc=True``
+    counts NC4 against the previous ``compute()``'s means at 2 V d flops per token and
+    layer, tiled (O(N) memory); pass ``train_ncc=False`` on a large model.
+
+    Call ``monitor.update(input_ids, attention_mask=..., labels=...)`` after each forward.
+    Selecting the labelled positions is a boolean gather (one host synchronisation per
+    batch on CUDA). ``collect()`` and ``evaluate()`` are not available.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: str | Sequence[int] = "last",
+        ignore_index: int = -100,
+        min_count: int = 2,
+        head: float = 0.01,
+        tail: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}")
+        bad = [k for k in kwargs if k in _NOT_ALLOWED]
+        if bad:
+            raise TypeError(f"Expected no `{bad[0]}`: LMCollapseMonitor sets it from the model")
+        inner = _unwrap(model)
+        get = getattr(inner, "get_output_embeddings", None)
+        head_module = get() if callable(get) else None
+        weight = getattr(head_module, "weight", None)
+        if not isinstance(head_module, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(
+                "Expected `model` to have an output embedding: model.get_output_embeddings() returning a module "
+                f"with a (V, d) weight, got {type(head_module).__name__}"
+            )
+        ignore = index(ignore_index)
+        if ignore is None:
+            raise ValueError(f"Expected `ignore_index` to be an int, got {ignore_index!r}")
+        self.ignore_index = ignore
+        self.min_count = positive_int(min_count, "min_count")
+        self.head = _fraction(head, "head", closed=True)
+        self.tail = _fraction(tail, "tail", closed=False)
+        super().__init__(
+            model,
+            classifier=head_module,
+            num_classes=int(weight.shape[0]),
+            layers=self._block_layers(inner, layers),
+            pool=_tokens,
+            minority=[],
+            **kwargs,
+        )
+
+    @staticmethod
+    def _block_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module] | None:
+        if isinstance(layers, str):
+            if layers == "last":
+                return None
+            if layers != "all":
+                raise ValueError(f"Expected `layers` to be 'last', 'all' or a list of block indices, got {layers!r}")
+            return {f"block{i}": b for i, b in enumerate(_blocks(model))}
+        picked = [index(i) for i in layers] if isinstance(layers, Sequence) else [None]
+        blocks = _blocks(model)
+        n = len(blocks)
+        if not picked or any(i is None or not -n <= i < n for i in picked):
+            raise ValueError(f"Expected `layers` to be 'last', 'all' or block indices in [-{n}, {n}), got {layers!r}")
+        chosen = sorted({i % n for i in picked})
+        return {f"block{i}": blocks[i] for i in chosen}
+
+    # ----------------------------------------------------------------- recording
+    def targets(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions recorded and their labels.
+
+        input_ids: (B, T) int; attention_mask: (B, T) (0 = padding), optional; labels:
+        (B, T) int in the ``transformers`` convention (unshifted, ``ignore_index`` where no
+        loss), optional. The label of position t is labels[:, t + 1] (default
+        input_ids[:, t + 1]); position t is skipped when it is the last, when that label
+        is ``ignore_index``, or when attention_mask[:, t] or attention_mask[:, t + 1] is 0.
+        Returns keep (B * T,) bool and the labels (N,) int64 of the kept positions, in
+        row-major (b, t) order."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = (
+                f"{tuple(input_ids.shape)} {input_ids.dtype}"
+                if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__
+            )
+            raise ValueError(f"Expected `input_ids` to be a (B, T) integer tensor, got {got}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(input_ids.shape)):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"Expected `{name}` of the shape {tuple(input_ids.shape)} of `input_ids`, got {got}")
+        source = (input_ids if labels is None else labels).long()
+        target = torch.full_like(source, self.ignore_index)
+        target[:, :-1] = source[:, 1:]
+        valid = target != self.ignore_index
+        if attention_mask is not None:
+            mask = attention_mask.to(valid.device) != 0
+            valid &= mask
+            valid[:, :-1] &= mask[:, 1:]
+        keep = valid.flatten()
+        return keep, target.flatten()[keep]
+
+    def update(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        """Record the forward that just ran on ``input_ids`` (see :meth:`targets`)."""
+        keep, y = self.targets(input_ids, attention_mask, labels)
+        for key, (x, version) in list(self._stash.items()):
+            if x._version != version:
+                continue  # CollapseMonitor.update reports the in-place change
+            if x.shape[0] != keep.shape[0]:
+                raise ValueError(
+                    f"Expected layer {key!r} to see the {tuple(input_ids.shape)} positions of `input_ids` "
+                    f"({keep.shape[0]} rows), got {x.shape[0]}: call update() with the forward's input_ids"
+                )
+            rows = x[keep.to(x.device)]
+            self._stash[key] = (rows, rows._version)
+        pred = self._stash_pred
+        if pred is not None and pred.shape[0] == keep.shape[0]:
+            self._stash_pred = pred[keep.to(pred.device)]
+        super().update(y)
+
+    def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 3:
+            output = output.reshape(-1, output.shape[-1])
+        super()._logits_hook(module, args, output)
+
+    def collect(self, labels: torch.Tensor) -> Any:
+        raise NotImplementedError("LMCollapseMonitor records with update(input_ids, attention_mask, labels)")
+
+    def evaluate(self, loader: Any, **kwargs: Any) -> MonitorResult:
+        raise NotImplementedError(
+            "LMCollapseMonitor has no evaluate(): run the forwards under torch.no_grad() with update(), then compute()"
+        )
+
+    # ------------------------------------------------------------------ results
+    def _result(self, session, views, phase, ncc_note, missing_ncc) -> LMResult:
+        final = views.get(PENULTIMATE) if PENULTIMATE in views else None
+        buckets = None
+        if final is not None and final.num_samples > 0:
+            buckets = frequency_buckets(final.counts, min_count=self.min_count, head=self.head, tail=self.tail)
+            self.minority = buckets.tail.tolist()
+        base = super()._result(session, views, phase, ncc_note, missing_ncc)
+        out = LMResult(**{f.name: getattr(base, f.name) for f in fields(MonitorResult)})
+        if buckets is None:
+            return out
+        counts = final.counts.cpu()
+        w, b = self._classifier_params(final.dim)
+        tail = set(buckets.tail.tolist())
+        for view in VIEWS:
+            ids = getattr(buckets, view)
+            if ids.numel() == 0:
+                out.notes[f"view/{view}"] = f"no token in this bucket (min_count {self.min_count})"
+                continue
+            sub = restrict(final, ids)
+            idx = ids.to(final.device)
+            minority = [j for j, k in enumerate(ids.tolist()) if k in tail] if view == "frequent" else []
+            m = collapse_metrics(
+                sub,
+                None if w is None else w[idx],
+                None if b is None else b[idx],
+                minority=minority,
+            )
+            why = "per-view S_W is not kept (the pooled S_W does not split by token); see the NC1 quotient"
+            m.undefined["nc1"] = m.undefined["separation_fuzziness"] = why
+            out.views[view] = m
+            n = counts[ids]
+            out.buckets[view] = {
+                "tokens": int(ids.numel()),
+                "rows": int(n.sum()),
+                "min_count": int(n.min()),
+                "max_count": int(n.max()),
+            }
+        out.buckets["rare"] = {"tokens": int(buckets.rare.numel()), "rows": int(counts[buckets.rare].sum())}
+        return out
