@@ -294,9 +294,12 @@ def test_wide_product_where_float32_overflows():
     assert torch.isfinite(stats.within_cov()).all()
     assert rel_err(stats.within_cov(), sigma_w) <= 1e-12
     # Finite float64 features far from float32's range are fine as long as the spread fits.
-    big = torch.randn(40, 5, generator=g, dtype=torch.float64) + 1e200
+    big = torch.randn(40, 5, generator=g, dtype=torch.float64) * 1e140 + 1e150
     stats = ClassStats(2, 5).update(big, torch.arange(40) % 2)
     assert torch.isfinite(stats.within_cov()).all() and torch.isfinite(stats.means).all()
+    _, sigma_w, _ = reference_covs(big, torch.arange(40) % 2, 2)
+    # offset 1e10 x the spread: float64 keeps ~1e-11 of the scatter (norms of 1e280 would overflow)
+    assert rel_err(stats.within_cov() / 1e280, sigma_w / 1e280) <= 1e-10
     with pytest.raises(ValueError, match="fit in float64 sums of squares"):
         ClassStats(2, 5).update(torch.randn(4, 5, dtype=torch.float64) * 1e200, torch.tensor([0, 0, 1, 1]))
 

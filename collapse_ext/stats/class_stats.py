@@ -89,6 +89,7 @@ class ClassStats(StatePersistence, Mergeable):
                 setattr(self, slot.attr, value)
         self._p64: torch.Tensor | None = None  # float64 products of the pending block, when needed
         self._pending_rows = 0
+        self._folded_rows = 0
         self.wide_product = False
 
     @property
@@ -208,6 +209,12 @@ class ClassStats(StatePersistence, Mergeable):
             else:
                 self._p.addmm_(centred.T, centred)
         self._pending_rows += rows
+        # Early blocks fold as soon as they hold as many rows as every fold before them
+        # (1, 2, 4, ... batches), so no block is centred about shifts estimated from far
+        # fewer rows than it holds: a poor shift leaves a rank-one term of about
+        # d x the within-class variance in the float32 products, which costs digits.
+        if self._pending_rows >= self._folded_rows:
+            self._fold(sync=strict)
 
     def _raise_refused(self, x: torch.Tensor, y: torch.Tensor, peak: float, bad_label: int, bad_row: int) -> None:
         if bad_label >= 0:
@@ -262,6 +269,7 @@ class ClassStats(StatePersistence, Mergeable):
                 self._t.index_fill_(0, rows, 0.0)
                 self._m.index_fill_(0, rows, 0)
                 self._q.index_fill_(0, rows, 0.0)
+        self._folded_rows += self._pending_rows
         self._pending_rows = 0
 
     # ------------------------------------------------------------------ reads

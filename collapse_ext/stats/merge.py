@@ -46,6 +46,7 @@ class Mergeable:
         other.check_rejected()
         parts = other._parts()[:3] + ((other._sw,) if self._sw is not None else ())
         self._assign(self._merged(tuple(p.to(self.device) for p in parts)))
+        self._folded_rows = int(self._n.sum())
         return self
 
     def all_reduce(self, group: Any = None) -> ClassStats:
@@ -80,6 +81,7 @@ class Mergeable:
         flat = torch.cat(second)
         dist.all_reduce(flat, group=group)
         self._n = n.round().long()
+        self._folded_rows = int(self._n.sum())
         self._mu = mu.to(self.state_dtype)
         self._ss = flat[:k].clone()
         if self._sw is not None:

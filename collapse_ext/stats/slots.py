@@ -86,6 +86,7 @@ class StatePersistence:
             if slot.key in tensors:
                 setattr(new, slot.attr, tensors[slot.key].to(self.device, self._dtype(slot)).clone())
         new.global_mean_mode = mode
+        new._folded_rows = int(new._n.sum())
         self.__dict__.update(new.__dict__)
 
     def _checked_state(self, state: Any) -> tuple[dict[str, torch.Tensor], str]:
