@@ -1,7 +1,8 @@
 // class_accumulate on the CPU (see csrc/class_accumulate.h for the contract).
 //
-// Pass 1 (parallel over rows) centres each row in float64, writes it rounded to the
-// compute dtype and its squared norm; nothing is modified until every row has passed
+// Pass 0 (column blocks) sums the rows of the classes new in this batch, whose batch
+// means become their shifts. Pass 1 (parallel over rows) centres each row in float64,
+// writes it rounded to the compute dtype and its squared norm; nothing is modified until every row has passed
 // the checks. Pass 2 centres the rows again (cheaper than keeping a float64 copy: measured
 // at N = 20000, d = 512) and adds them into the (K, d) sums, each thread owning a block
 // of columns so no two threads touch one element. One call replaces a dozen ATen ops
@@ -48,13 +49,26 @@ void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_
   }
   const int64_t fresh_rows = static_cast<int64_t>(slot_of.size());
   std::vector<double> fresh_sum(fresh_rows * d, 0.0), fresh_count(fresh_rows, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    if (slot[i] < 0) continue;
-    double* sum = fresh_sum.data() + slot[i] * d;
-    const scalar_t* row = x + i * row_stride;
-    for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(row[j]);
-    fresh_count[slot[i]] += 1.0;
-  }
+  for (int64_t i = 0; i < n; ++i)
+    if (slot[i] >= 0) fresh_count[slot[i]] += 1.0;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block =
+      std::max<int64_t>(1, n * d >= kMinParallelElements ? std::max<int64_t>(16, (d + threads - 1) / threads) : d);
+  // Column blocks, one per thread: no two threads touch one element of the sums.
+  auto by_columns = [&](auto add_rows) {
+    at::parallel_for(0, (d + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      add_rows(b0 * block, std::min(d, b1 * block));
+    });
+  };
+  if (fresh_rows > 0)
+    by_columns([&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (slot[i] < 0) continue;
+        double* sum = fresh_sum.data() + slot[i] * d;
+        const scalar_t* row = x + i * row_stride;
+        for (int64_t j = j0; j < j1; ++j) sum[j] += static_cast<double>(row[j]);
+      }
+    });
   std::vector<state_t> fresh(fresh_rows * d);
   for (int64_t r = 0; r < fresh_rows; ++r)
     for (int64_t j = 0; j < d; ++j) fresh[r * d + j] = static_cast<state_t>(fresh_sum[r * d + j] / fresh_count[r]);
@@ -123,12 +137,8 @@ void class_accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_
     return;
   }
 
-  // Pass 2: each thread owns a block of columns of the sums.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block =
-      std::max<int64_t>(1, n * d >= kMinParallelElements ? std::max<int64_t>(16, (d + threads - 1) / threads) : d);
-  at::parallel_for(0, (d + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t j0 = b0 * block, j1 = std::min(d, b1 * block);
+  // Pass 2: the centred rows into the sums, by column blocks again.
+  by_columns([&](int64_t j0, int64_t j1) {
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* row = x + i * row_stride;
       const state_t* c = shift[i];
