@@ -55,6 +55,17 @@ def _shown(text: str) -> str:
     return text if text and text.strip() == text else repr(text)
 
 
+def _check_writable(directory: str, text: str, expected: str) -> None:
+    """Raise ArgumentTypeError unless a file can be created in ``directory`` (a probe file,
+    removed at once: permission bits do not tell for root or on read-only mounts)."""
+    probe = os.path.join(directory, f".collapse-ext-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(text)} ({err.strerror})") from None
+
+
 def _int_at_least(
     low: int, high: int | None = None, why: str = "", high_text: str | None = None
 ) -> Callable[[str], int]:
@@ -104,14 +115,7 @@ def _output_path(extensions: Sequence[str] = ()) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(f"expected a path in an existing directory, got {_shown(text)}")
         if os.path.exists(real) and not os.path.isfile(real):
             raise argparse.ArgumentTypeError(f"expected a regular file path, got {_shown(text)} (not a regular file)")
-        probe = os.path.join(parent, f".collapse-ext-probe-{os.getpid()}")
-        try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.unlink(probe)
-        except OSError as err:
-            raise argparse.ArgumentTypeError(
-                f"expected a path in a writable directory, got {_shown(text)} ({err.strerror})"
-            ) from None
+        _check_writable(parent, text, "a path in a writable directory")
         return text
 
     return convert
@@ -480,14 +484,7 @@ def _output_dir(text: str) -> str:
     parent = real if os.path.isdir(real) else os.path.dirname(real)
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"expected a path in an existing directory, got {_shown(text)}")
-    probe = os.path.join(parent, f".collapse-ext-probe-{os.getpid()}")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected a writable directory, got {_shown(text)} ({err.strerror})"
-        ) from None
+    _check_writable(parent, text, "a writable directory")
     return text
 
 
