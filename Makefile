@@ -11,7 +11,7 @@ export CUDA_HOME
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
-.PHONY: all build test test-wheel demo bench lint format clean
+.PHONY: all build test test-wheel demo bench bench-pytest lint format clean
 
 all: build
 
@@ -43,8 +43,14 @@ demo: build
 	$(PY) -m collapse_ext.cli demo
 	$(PY) -m collapse_ext.cli lpm-sweep --plot minority_collapse.png
 
+# The benchmark suite: ceilings, then every case; results in benchmarks/results/<device>.json.
+BENCH_ARGS ?=
 bench: build
-	cd benchmarks && for b in bench_*.py; do PYTHONPATH=.. ../$(PY) $$b || exit 1; done
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The ops as pytest-benchmark tests (not part of `make test`).
+bench-pytest: build
+	$(PY) -m pytest -q benchmarks --benchmark-only
 
 lint: $(DEPS)
 	$(PY) -m ruff check collapse_ext tests benchmarks setup.py
