@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
+INSTALLED := $(VENV)/.collapse-ext-installed
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 # nvcc lives in /usr/local/cuda on our machines; elsewhere torch finds it on PATH.
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
-.PHONY: all build test test-fast demo bench lint format clean
+.PHONY: all build test test-wheel demo bench bench-pytest lint format clean
 
 all: build
 
@@ -19,18 +21,36 @@ $(DEPS): requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# Editable install into .venv: .venv/bin/python and .venv/bin/collapse-ext import this
+# checkout from any directory. Objects are kept in build/editable, so a rebuild after a
+# change in csrc/ recompiles only what changed. USE_CUDA=0 builds the CPU kernels only.
+$(INSTALLED): $(DEPS) $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
 build: $(DEPS)
-	$(PY) setup.py --quiet build_ext --inplace
+	@ls collapse_ext/_C*.so >/dev/null 2>&1 || rm -f $(INSTALLED)
+	@$(MAKE) --no-print-directory $(INSTALLED)
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The packaging test alone: a CPU-only wheel built in a temporary directory (CI runs it in `make test`).
+test-wheel: build
+	COLLAPSE_EXT_WHEEL_TEST=1 $(PY) -m pytest -q tests/test_packaging.py
 
 demo: build
 	$(PY) -m collapse_ext.cli demo
 	$(PY) -m collapse_ext.cli lpm-sweep --plot minority_collapse.png
 
+# The benchmark suite: ceilings, then every case; results in benchmarks/results/<device>.json.
+BENCH_ARGS ?=
 bench: build
-	cd benchmarks && for b in bench_*.py; do PYTHONPATH=.. ../$(PY) $$b || exit 1; done
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The ops as pytest-benchmark tests (not part of `make test`).
+bench-pytest: build
+	$(PY) -m pytest -q benchmarks --benchmark-only
 
 lint: $(DEPS)
 	$(PY) -m ruff check collapse_ext tests benchmarks setup.py
@@ -41,4 +61,4 @@ format: $(DEPS)
 	$(PY) -m ruff check --fix collapse_ext tests benchmarks setup.py
 
 clean:
-	rm -rf build collapse_ext/_C*.so
+	rm -rf build dist *.egg-info collapse_ext/_C*.so collapse_ext/_build_config.py $(INSTALLED)

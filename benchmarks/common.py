@@ -1,14 +1,20 @@
-"""Timing helpers shared by the benchmarks: medians of repeats, device sync, tables."""
+"""Timing helpers shared by the benchmarks: warm-up, synchronised timers, median and spread
+of repeats, the machine's measured ceilings (bandwidth, matmul rates), tables and JSON."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sync(device: torch.device) -> None:
@@ -16,24 +22,130 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of `fn` in seconds, synchronising the device around each call."""
+@dataclass
+class Timing:
+    """Seconds per call over ``repeats`` synchronised runs after ``warmup`` untimed ones:
+    median, min and max, and the spread (max - min) / median."""
+
+    median: float
+    min: float
+    max: float
+    repeats: int
+    warmup: int
+
+    @property
+    def spread(self) -> float:
+        return (self.max - self.min) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spread": self.spread}
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Time ``fn`` ``repeats`` times after ``warmup`` calls, synchronising the device before
+    the clock starts and after each call (so queued GPU work is inside the interval)."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return Timing(statistics.median(times), min(times), max(times), repeats, warmup)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `fn` in seconds, synchronising the device around each call."""
+    return measure(fn, device, repeats, warmup).median
+
+
+def _bandwidth(elems: int, device: torch.device, repeats: int) -> dict:
+    x = torch.rand(elems, device=device)
+    out = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    copy = measure(lambda: out.copy_(x), device, repeats)
+    read = measure(lambda: x.sum(), device, repeats)
+    return {"copy_gbs": 2 * nbytes / copy.median / 1e9, "read_gbs": nbytes / read.median / 1e9}
+
+
+def ceilings(device: torch.device, quick: bool = False) -> dict:
+    """The machine's measured ceilings on ``device``: copy bandwidth (read + write bytes
+    counted), read bandwidth (a sum over a large buffer), fp32 and fp64 matmul rates
+    (square n x n products, 2 n^3 flops). Sizes exceed the last-level cache."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    elems = (256 if cuda else 64) << 20 >> (2 if quick else 0)  # float32 elements: 256 / 64 MiB (CPU)
+    repeats = 3 if quick else 10
+    result = _bandwidth(elems, device, repeats)
+    for dtype, key in ((torch.float32, "matmul_fp32_gflops"), (torch.float64, "matmul_fp64_gflops")):
+        n = (8192 if cuda else 2048) >> (1 if quick else 0)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = measure(lambda a=a, b=b: a @ b, device, max(3, repeats // 2))
+        result[key] = 2 * n**3 / t.median / 1e9
+    result["tf32"] = bool(cuda and torch.backends.cuda.matmul.allow_tf32)
+    return result
 
 
 def machine(device: torch.device) -> str:
+    device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str | None:
+    """The checkout's commit (with "-dirty" when it has local changes), None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device) -> dict:
+    """Torch version, commit and a description of ``device`` for a results file."""
+    device = torch.device(device)
+    env = {
+        "torch": torch.__version__,
+        "commit": commit(),
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+        )
+    try:
+        import collapse_ext
+
+        env["collapse_ext"] = collapse_ext.build_info()
+    except ImportError:
+        pass
+    return env
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -45,5 +157,8 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 def write_json(path: str | None, payload: dict) -> None:
     if path:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)

@@ -1,6 +1,7 @@
 """collapse_ext: fused neural-collapse statistics, metrics and the Layer-Peeled Model."""
 
 from . import lpm
+from ._build import build_info
 from ._ops import (
     class_accumulate,
     class_stats,
@@ -10,6 +11,7 @@ from ._ops import (
     pairwise_stats,
     within_scatter,
 )
+from ._version import __version__
 from .loggers import CSVLogger, JSONLinesLogger, TensorBoardLogger
 from .lpm import minority_collapse_sweep, simplex_etf
 from .metrics import (
@@ -22,8 +24,6 @@ from .metrics import (
 )
 from .monitor import CollapseMonitor, MonitorResult
 from .stats import ClassStats
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
@@ -43,6 +43,8 @@ __all__ = [
     "CSVLogger",
     "JSONLinesLogger",
     "TensorBoardLogger",
+    "__version__",
+    "build_info",
     "CollapseMetrics",
     "SeparationLaw",
     "class_accumulate",

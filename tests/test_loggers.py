@@ -150,3 +150,69 @@ def test_lightning_missing_is_a_clear_error():
         pytest.skip("lightning is installed")
     with pytest.raises(ImportError, match="CollapseCallback needs PyTorch Lightning"):
         from collapse_ext.loggers import CollapseCallback  # noqa: F401
+
+
+def _lightning_module(pl):
+    class Digits(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp(8, (12,), 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Digits()
+
+
+def _loader(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(96, 8, generator=g), torch.arange(96) % 3
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+
+def _trainer(pl, callback, tmp_path, epochs):
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_lightning_callback_in_a_real_trainer(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
+    from collapse_ext.loggers import CollapseCallback
+
+    torch.manual_seed(0)
+    module = _lightning_module(pl)
+    callback = CollapseCallback(classifier="net.fc", num_classes=3, evaluate_loader=_loader(1), evaluate_every=2)
+    trainer = _trainer(pl, callback, tmp_path, epochs=2)
+    trainer.fit(module, _loader())
+    history = callback.monitor.history
+    assert [(r.epoch, r.phase) for r in history] == [(1, "train"), (2, "train"), (2, "eval")]
+    metrics = trainer.callback_metrics
+    assert float(metrics["collapse/train/penultimate/num_samples"]) == 96
+    assert float(metrics["collapse/train/penultimate/nc1"]) == pytest.approx(history[1]["penultimate"].nc1, rel=1e-6)
+    assert "collapse/eval/penultimate/ncc_accuracy" in metrics
+
+    # The monitor's state travels in Lightning checkpoints and resumes the history.
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = CollapseCallback(classifier="net.fc", num_classes=3)
+    _trainer(pl, resumed, tmp_path, epochs=3).fit(_lightning_module(pl), _loader(), ckpt_path=path)
+    assert [(r.epoch, r.phase) for r in resumed.monitor.history] == [
+        *[(r.epoch, r.phase) for r in history],
+        (3, "train"),
+    ]
