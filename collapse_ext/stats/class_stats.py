@@ -251,8 +251,8 @@ class ClassStats(StatePersistence, Mergeable):
             ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
             if self._sw is not None:
                 scaled = t / nf.sqrt().unsqueeze(1)
-                self._sw += self._p.double()
-                self._sw -= scaled.T @ scaled
+                self._sw.add_(self._p)  # promoted to float64 element by element, no copy
+                self._sw.addmm_(scaled.T, scaled, alpha=-1.0)
                 if self._p64 is not None:
                     self._sw += self._p64
                     self._p64 = None
