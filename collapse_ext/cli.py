@@ -211,13 +211,20 @@ def _check_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("needs scikit-learn for the digits data: pip install scikit-learn")
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _with_outputs(run: Callable[[argparse.Namespace, _Outputs], int], args: argparse.Namespace) -> int:
+    """Run a command whose files go through an _Outputs: moved into place on success,
+    removed on any error or interrupt."""
     outputs = _Outputs()
     try:
-        status = _demo_run(args, outputs)
+        status = run(args, outputs)
         outputs.commit()
     finally:
         outputs.discard()
+    return status
+
+
+def _demo(args: argparse.Namespace) -> int:
+    status = _with_outputs(_demo_run, args)
     if args.jsonl:
         print(f"history written to {args.jsonl} (read back with collapse_ext.loggers.read_jsonl)")
     if args.csv:
@@ -696,12 +703,7 @@ def _lm_text(vocab: int) -> tuple[list[int], list[str]]:
 
 
 def _lm_demo(args: argparse.Namespace) -> int:
-    outputs = _Outputs()
-    try:
-        status = _lm_demo_run(args, outputs)
-        outputs.commit()
-    finally:
-        outputs.discard()
+    status = _with_outputs(_lm_demo_run, args)
     if args.jsonl:
         print(f"history written to {args.jsonl} (read back with collapse_ext.loggers.read_jsonl)")
     return status
