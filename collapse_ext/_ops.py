@@ -29,6 +29,8 @@ def cuda_compiled() -> bool:
 
 def check_backend(tensor: torch.Tensor, name: str) -> None:
     """Raise a clear error for a device this build has no kernels for."""
+    if tensor.is_cpu:  # the common case, without building a torch.device (once per update)
+        return
     if tensor.device.type == "cuda" and not cuda_compiled():
         raise RuntimeError(
             f"`{name}` is on {tensor.device}, but collapse_ext was built without CUDA kernels; "

@@ -20,6 +20,11 @@ _STATE_DTYPES = (torch.float64, torch.float32)
 # block_rows * |e|^2 must stay below float32's max (3.4e38) with room to spare.
 _F32_LIMIT = 1e36
 _F64_LIMIT = 1e300
+# Small batches' centred rows are staged and multiplied together, up to this many bytes:
+# one (d, d) product per ~1024 rows instead of per batch (measured on the B = 128 loop of
+# benchmarks/bench_class_stats.py).
+_STAGE_BYTES = 1 << 21
+_STAGE_ROWS = 1024
 
 
 class ClassStats(StatePersistence, Mergeable):
@@ -88,6 +93,8 @@ class ClassStats(StatePersistence, Mergeable):
                     value = torch.zeros(self._shape(slot), dtype=self._dtype(slot), device=device)
                 setattr(self, slot.attr, value)
         self._p64: torch.Tensor | None = None  # float64 products of the pending block, when needed
+        self._stage: torch.Tensor | None = None  # float32 centred rows not yet in _p
+        self._staged = 0
         self._pending_rows = 0
         self._folded_rows = 0
         self.wide_product = False
@@ -152,12 +159,12 @@ class ClassStats(StatePersistence, Mergeable):
             )
         if labels.dtype not in _LABEL_DTYPES:
             raise TypeError(f"Expected `labels` to be int32 or int64, got {labels.dtype}")
-        if labels.device != features.device:
+        if not (labels.is_cpu and features.is_cpu) and labels.device != features.device:
             raise ValueError(f"Expected `labels` on {features.device} like `features`, got {labels.device}")
         check_backend(features, "features")
 
     def _place(self, features: torch.Tensor) -> None:
-        if features.device == self.device:
+        if features.is_cpu and self._n.is_cpu or features.device == self.device:
             return
         if self._follow_data and self._pending_rows == 0 and int(self._n.sum()) == 0:
             self._allocate(features.device)
@@ -174,8 +181,17 @@ class ClassStats(StatePersistence, Mergeable):
         rows = features.shape[0]
         if rows == 0:
             return self
-        with torch.no_grad(), torch.inference_mode(False), torch.autocast(features.device.type, enabled=False):
-            self._add(features.detach(), labels.detach().long())
+        x, y = features.detach(), labels.detach().long()
+        # The inputs are detached and the state never requires grad, so nothing is
+        # recorded by autograd. Inference mode would make new state tensors inference
+        # tensors, and autocast could lower the products' precision: leave both, but
+        # only when they are on (entering a context costs microseconds per update).
+        device_type = x.device.type
+        if torch.is_inference_mode_enabled() or torch.is_autocast_enabled(device_type):
+            with torch.inference_mode(False), torch.autocast(device_type, enabled=False):
+                self._add(x, y)
+        else:
+            self._add(x, y)
         return self
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -207,7 +223,7 @@ class ClassStats(StatePersistence, Mergeable):
                     self._p64 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
                 self._p64.addmm_(centred.T, centred)
             else:
-                self._p.addmm_(centred.T, centred)
+                self._stage_product(centred)
         self._pending_rows += rows
         # Early blocks fold as soon as they hold as many rows as every fold before them
         # (1, 2, 4, ... batches), so no block is centred about shifts estimated from far
@@ -215,6 +231,27 @@ class ClassStats(StatePersistence, Mergeable):
         # d x the within-class variance in the float32 products, which costs digits.
         if self._pending_rows >= self._folded_rows:
             self._fold(sync=strict)
+
+    def _stage_product(self, centred: torch.Tensor) -> None:
+        """Add centred^T centred (float32) to _p, staging small batches: a (d, d) product of
+        128 rows costs nearly what one of 1024 costs (it reads and writes all of _p)."""
+        rows = centred.shape[0]
+        capacity = max(1, min(_STAGE_ROWS, _STAGE_BYTES // (4 * self.dim)))
+        if 2 * rows > capacity:
+            self._p.addmm_(centred.T, centred)
+            return
+        if self._staged + rows > capacity:
+            self._flush_stage()
+        if self._stage is None:
+            self._stage = torch.empty(capacity, self.dim, dtype=torch.float32, device=centred.device)
+        self._stage[self._staged : self._staged + rows].copy_(centred)
+        self._staged += rows
+
+    def _flush_stage(self) -> None:
+        if self._staged:
+            block = self._stage[: self._staged]
+            self._p.addmm_(block.T, block)
+            self._staged = 0
 
     def _raise_refused(self, x: torch.Tensor, y: torch.Tensor, peak: float, bad_label: int, bad_row: int) -> None:
         if bad_label >= 0:
@@ -250,6 +287,7 @@ class ClassStats(StatePersistence, Mergeable):
             mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
             ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
             if self._sw is not None:
+                self._flush_stage()
                 scaled = t / nf.sqrt().unsqueeze(1)
                 self._sw.add_(self._p)  # promoted to float64 element by element, no copy
                 self._sw.addmm_(scaled.T, scaled, alpha=-1.0)
