@@ -10,7 +10,7 @@ from conftest import DEVICES, rel_err
 from torch import nn
 
 import collapse_ext.monitor.layer as layer_module
-from collapse_ext import ClassStats, CollapseMonitor, collapse_metrics, nearest_centre_counts
+from collapse_ext import ClassStats, CollapseMonitor, collapse_metrics, nearest_centre_tallies
 from collapse_ext.data import make_mlp
 from collapse_ext.monitor import PENULTIMATE, MonitorResult
 from collapse_ext.reference import nearest_centre_reference
@@ -259,8 +259,8 @@ def test_compute_bundle_nc4_previous_means_and_separation_law():
         mon.update(yb)
     second = mon.compute()[PENULTIMATE]
     assert "previous epoch" in second.ncc_means
-    counts = nearest_centre_counts(h, y, stats.means, model.fc.weight.detach(), model.fc.bias.detach())
-    n, correct, mismatch = counts.tolist()
+    tallies = nearest_centre_tallies(h, y, stats.means, model.fc.weight.detach(), model.fc.bias.detach())
+    n, correct, mismatch = tallies.tolist()
     assert second.ncc_accuracy == pytest.approx(correct / n)
     assert second.ncc_mismatch == pytest.approx(mismatch / n)
     assert torch.equal(pred, model(x).argmax(1))
@@ -272,10 +272,10 @@ def test_ncc_tallies_match_reference():
     means = _stats_of(x, y, 5).means
     present = torch.tensor([True, True, False, True, True])
     pred = torch.randint(-1, 5, (len(y),))
-    fused = layer_module._ncc_counts(x, y, means, present, pred)
-    counts, nearest = nearest_centre_reference(x, y, means, present=present)
+    fused = layer_module._ncc_tallies(x, y, means, present, pred)
+    tallies, nearest = nearest_centre_reference(x, y, means, present=present)
     mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
-    assert torch.equal(fused, torch.stack([counts[0], counts[1], mismatch]))
+    assert torch.equal(fused, torch.stack([tallies[0], tallies[1], mismatch]))
 
 
 def test_evaluate_two_passes_with_final_means():

@@ -18,7 +18,7 @@ from ..metrics import (
     collapse_metrics,
     fit_separation_law,
     nc1,
-    nearest_centre_counts,
+    nearest_centre_tallies,
     separation_fuzziness,
 )
 from ..stats import ClassStats
@@ -160,7 +160,7 @@ def _analyze(
     for s in stats.values():
         s.check_rejected()
 
-    counts: dict[str, torch.Tensor] = {}
+    tallies: dict[str, torch.Tensor] = {}
     projected: dict[str, ClassStats] = {}
     if passes > 1:
         bases = {name: _projection_basis(stats[name]) for name in names if not full[name]}
@@ -172,7 +172,7 @@ def _analyze(
             if q is not None:
                 projected[name] = ClassStats(k, q.shape[1], device=device, within_cov=True, check="deferred")
                 bases[name] = q.to(device)
-        counts = {name: torch.zeros(3, dtype=torch.int64) for name in names} if ncc else {}
+        tallies = {name: torch.zeros(3, dtype=torch.int64) for name in names} if ncc else {}
         bar = _Progress(progress, hi - lo, f"pass 2/{passes}")
         try:
             for chunk in iter_chunks(arrays, label_array, lo, hi, chunk_rows, device):
@@ -180,7 +180,7 @@ def _analyze(
                 for name, x in zip(names, xs):
                     if ncc:
                         last = name == last_name
-                        counts[name] += nearest_centre_counts(
+                        tallies[name] += nearest_centre_tallies(
                             x,
                             y,
                             means[name],
@@ -196,7 +196,7 @@ def _analyze(
             bar.close()
         bytes_read += bar.bytes
         if world > 1:
-            counts = {name: _sum(c, world, comm) for name, c in counts.items()}
+            tallies = {name: _sum(t, world, comm) for name, t in tallies.items()}
             for s in projected.values():
                 s.all_reduce()
 
@@ -209,9 +209,9 @@ def _analyze(
             b if last else None,
             minority=minority,
             minority_threshold=minority_threshold,
-            ncc_counts=counts.get(name),
+            ncc_tallies=tallies.get(name),
         )
-        if name in counts:
+        if name in tallies:
             m.ncc_means = "current class means (second pass over the source)"
             if not last:
                 m.undefined.setdefault("ncc_mismatch", "only for the classifier's input (the last features key)")

@@ -3,6 +3,7 @@ with ``None`` and a reason for the others (:func:`collapse_metrics`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -23,7 +24,7 @@ from .geometry import (
 )
 from .minority import MINORITY_FIELDS, minority_parts, minority_set
 from .nc1 import cdnv, cdnv_pairs, nc1, nc1_quotient, separation_fuzziness
-from .ncc import check_ncc_counts, ncc_accuracy, ncc_mismatch, nearest_centre_counts
+from .ncc import check_ncc_tallies, ncc_accuracy, ncc_mismatch, nearest_centre_tallies
 
 __all__ = ["CollapseMetrics", "collapse_metrics"]
 
@@ -79,7 +80,7 @@ class CollapseMetrics:
     _NOT_METRICS = ("minority_classes", "absent_classes", "ncc_means", "undefined")
 
     def to_dict(self) -> dict[str, float | None]:
-        """Flat {name: float or None} of the numbers (counts as floats), for loggers."""
+        """Flat {name: float or None} of the numbers (integers as floats), for loggers."""
         out: dict[str, float | None] = {}
         for f in fields(self):
             if f.name in self._NOT_METRICS:
@@ -126,9 +127,10 @@ def collapse_metrics(
     minority_threshold: float = 0.5,
     features: Any = None,
     labels: Any = None,
-    ncc_counts: torch.Tensor | None = None,
+    ncc_tallies: torch.Tensor | None = None,
     cdnv_exponent: float = 1.0,
     rtol: float | None = None,
+    ncc_counts: torch.Tensor | None = None,
 ) -> CollapseMetrics:
     """All the metrics computable from ``stats`` (a ClassStats) and what else is given.
 
@@ -136,9 +138,10 @@ def collapse_metrics(
     the NC4 mismatch and the classifier parts of minority collapse. features (N, d) /
     labels (N,) (tensors or sequences of batches, the data the statistics came from): NC4
     pass with the current means, and the projected NC1 mode when ``stats`` has no S_W.
-    ncc_counts: (3,) int64 [n, ncc_correct, mismatch] accumulated elsewhere (e.g. by a
-    monitor with the previous epoch's means, :func:`nearest_centre_counts`); used when
-    ``features`` is not given. minority: explicit class indices, or None for the present
+    ncc_tallies: (3,) int64 [n, ncc_correct, mismatch] accumulated elsewhere (e.g. by a
+    monitor with the previous epoch's means, :func:`nearest_centre_tallies`); used when
+    ``features`` is not given (``ncc_counts``, its former name, still works with a
+    DeprecationWarning). minority: explicit class indices, or None for the present
     classes with n_k < ``minority_threshold`` * max n_k (minority metrics only when both
     minority and majority classes exist). Undefined metrics are ``None`` and explained in
     ``undefined``; absent classes are excluded everywhere and listed.
@@ -156,7 +159,14 @@ def collapse_metrics(
         checked = list(batches(features, labels))
         features, labels = [x for x, _ in checked], [y for _, y in checked]
     if ncc_counts is not None:
-        ncc_counts = check_ncc_counts(ncc_counts)
+        warnings.warn(
+            "collapse_metrics(ncc_counts=...) is deprecated: use ncc_tallies", DeprecationWarning, stacklevel=2
+        )
+        if ncc_tallies is not None:
+            raise ValueError("Expected `ncc_tallies` or its former name `ncc_counts`, got both")
+        ncc_tallies = check_ncc_tallies(ncc_counts, "ncc_counts")
+    elif ncc_tallies is not None:
+        ncc_tallies = check_ncc_tallies(ncc_tallies)
     p = positive_float(cdnv_exponent, "cdnv_exponent")
     rtol = rank_rtol(rtol)
     stats.check_rejected()
@@ -209,30 +219,30 @@ def collapse_metrics(
     else:
         out.undefined.update(dict.fromkeys(_WEIGHT_METRICS, "needs the classifier `weight`"))
 
-    _ncc(out, stats, w, bias, features, labels, ncc_counts, put)
+    _ncc(out, stats, w, bias, features, labels, ncc_tallies, put)
     _minority(out, stats, w, minority, minority_threshold)
     return out
 
 
-def _ncc(out, stats, w, bias, features, labels, ncc_counts, put) -> None:
+def _ncc(out, stats, w, bias, features, labels, ncc_tallies, put) -> None:
     if features is not None:
-        counts = torch.zeros(3, dtype=torch.int64)
+        tallies = torch.zeros(3, dtype=torch.int64)
         for x, y in batches(features, labels):
             wx = w.to(x.device) if w is not None else None
             bx = bias.to(x.device) if bias is not None else None
-            counts += nearest_centre_counts(x, y, stats.means.to(x.device), wx, bx, present=stats.present).cpu()
+            tallies += nearest_centre_tallies(x, y, stats.means.to(x.device), wx, bx, present=stats.present).cpu()
         out.ncc_means = "current class means (second pass over `features`)"
-    elif ncc_counts is not None:
-        counts = ncc_counts.cpu()
-        out.ncc_means = "precomputed `ncc_counts` (e.g. previous-epoch means)"
+    elif ncc_tallies is not None:
+        tallies = ncc_tallies.cpu()
+        out.ncc_means = "precomputed `ncc_tallies` (e.g. previous-epoch means)"
     else:
-        why = "needs `features`/`labels` or precomputed `ncc_counts`"
+        why = "needs `features`/`labels` or precomputed `ncc_tallies`"
         out.undefined["ncc_accuracy"] = why
         out.undefined.setdefault("ncc_mismatch", why)
         return
-    put(("ncc_accuracy",), ncc_accuracy, counts)
+    put(("ncc_accuracy",), ncc_accuracy, tallies)
     if w is not None:
-        put(("ncc_mismatch",), ncc_mismatch, counts)
+        put(("ncc_mismatch",), ncc_mismatch, tallies)
 
 
 def _minority(out: CollapseMetrics, stats: ClassStats, w, minority, threshold) -> None:
