@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import collapsed_features
+from helpers import collapsed_features, stats_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,13 +22,6 @@ def simplex_etf(k, d, scale=3.0, seed=0):
     centring = torch.eye(k, dtype=torch.float64) - 1.0 / k
     basis, _ = torch.linalg.qr(centring[:, : k - 1])  # (K, K-1), orthonormal columns orthogonal to 1
     return scale * math.sqrt(k / (k - 1)) * basis @ orthonormal_rows(k - 1, d, seed)
-
-
-def stats_of(x, y, k, device="cpu", batches=1, **kw):
-    stats = ClassStats(k, x.shape[1], device=device, **kw)
-    for xb, yb in zip(x.tensor_split(batches), y.tensor_split(batches)):
-        stats.update(xb.to(device), yb.to(device))
-    return stats
 
 
 def random_problem(n=900, d=24, k=7, seed=0, dtype=torch.float32, drop=()):
