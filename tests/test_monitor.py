@@ -90,14 +90,20 @@ def test_collect_equals_update_and_buffering_is_exact():
                     assert other == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-def test_conv_features_pooled_and_flattened():
-    torch.manual_seed(0)
+def _conv_net(grid: int) -> nn.Sequential:
+    """conv 3 -> 4 channels, ReLU ("act"), average pool to grid x grid, flatten, fc to 3 classes."""
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
     model.add_module("act", nn.ReLU())
-    model.add_module("pool", nn.AdaptiveAvgPool2d(2))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(grid))
     model.add_module("flat", nn.Flatten())
-    model.add_module("fc", nn.Linear(16, 3))
+    model.add_module("fc", nn.Linear(4 * grid * grid, 3))
+    return model
+
+
+def test_conv_features_pooled_and_flattened():
+    torch.manual_seed(0)
+    model = _conv_net(grid=2)
     x = torch.randn(12, 3, 5, 5)
     y = torch.arange(12) % 3
     for pool, expect in (
@@ -841,12 +847,7 @@ def test_statistics_keep_no_autograd_graph():
     import weakref
 
     torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
-    model.add_module("act", nn.ReLU())
-    model.add_module("gap", nn.AdaptiveAvgPool2d(1))
-    model.add_module("flat", nn.Flatten())
-    model.add_module("fc", nn.Linear(4, 3))
+    model = _conv_net(grid=1)
     proj = nn.Linear(4, 2)  # a learnable pool: its output would carry a graph
     mon = CollapseMonitor(
         model, classifier="fc", num_classes=3, layers=["act"], pool={"act": lambda t: proj(t.mean((2, 3)))}

@@ -196,24 +196,13 @@ def collapse_metrics(
     centred = stats.centred_means()
     pm = cdnv_pairs(stats, p)
     put(("nc1_cdnv",), cdnv, pm)
-    put(("equinorm_means",), equinorm_of, centred)
-    put(("equiangularity_means",), pm.cosine_std, "equiangularity")
-    put(("mean_cosine_means",), pm.mean_cosine)
-    put(("max_angle_means",), max_angle_of, pm)
-    put(("etf_error_means",), etf_error_of, pm)
-    put(("gnc2_means", "gnc2_var_means"), gnc2_of, pm)
-    put(("orthogonal_frame_error_means",), lambda: orthogonal_frame_error_of(Pairs(stats.means[present])))
+    # The orthogonal frame is of the uncentred means (imbalanced bias-free MSE).
+    _nc2(put, "means", centred, pm, lambda: Pairs(stats.means[present]))
 
     if w is not None:
         wp = w[present]
         pw = Pairs(wp)
-        put(("equinorm_weights",), equinorm_of, wp)
-        put(("equiangularity_weights",), pw.cosine_std, "equiangularity")
-        put(("mean_cosine_weights",), pw.mean_cosine)
-        put(("max_angle_weights",), max_angle_of, pw)
-        put(("etf_error_weights",), etf_error_of, pw)
-        put(("gnc2_weights", "gnc2_var_weights"), gnc2_of, pw)
-        put(("orthogonal_frame_error_weights",), orthogonal_frame_error_of, pw)
+        _nc2(put, "weights", wp, pw, lambda: pw)
         put(("self_duality",), self_duality_of, wp, centred)
         put(("uniform_duality",), uniform_duality_of, wp, centred)
     else:
@@ -222,6 +211,18 @@ def collapse_metrics(
     _ncc(out, stats, w, bias, features, labels, ncc_tallies, put)
     _minority(out, stats, w, minority, minority_threshold)
     return out
+
+
+def _nc2(put, which: str, rows: torch.Tensor, pairs: Pairs, frame: Callable[[], Pairs]) -> None:
+    """The NC2 metrics ``*_<which>`` of one row set (``which``: "means" or "weights"): rows
+    (K', d) and their pairwise sums; ``frame()`` the pairs of the orthogonal-frame error."""
+    put((f"equinorm_{which}",), equinorm_of, rows)
+    put((f"equiangularity_{which}",), pairs.cosine_std, "equiangularity")
+    put((f"mean_cosine_{which}",), pairs.mean_cosine)
+    put((f"max_angle_{which}",), max_angle_of, pairs)
+    put((f"etf_error_{which}",), etf_error_of, pairs)
+    put((f"gnc2_{which}", f"gnc2_var_{which}"), gnc2_of, pairs)
+    put((f"orthogonal_frame_error_{which}",), lambda: orthogonal_frame_error_of(frame()))
 
 
 def _ncc(out, stats, w, bias, features, labels, ncc_tallies, put) -> None:
