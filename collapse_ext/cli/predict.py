@@ -98,7 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``predict`` on an argparse subparsers object; sets ``func=run``."""
     from ..theory import MODELS
 
-    p = subparsers.add_parser("predict", help="predicted neural-collapse geometry for a class-count profile")
+    p = subparsers.add_parser("predict", help="predicted neural-collapse geometry for a class-size profile")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--counts", type=read_counts, metavar="FILE", help="class counts (.txt/.csv/.npy/.json)")
     src.add_argument("--profile", type=parse_profile, metavar="SPEC", help="exp:500:5:K=1000, step:..., pareto:...")
