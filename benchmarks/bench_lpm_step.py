@@ -14,23 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine, markdown, timeit
+from common import lpm_step_inputs, machine, markdown, timeit
 
-from collapse_ext import lpm, lpm_step
+from collapse_ext import lpm_step
 from collapse_ext.reference import lpm_step_reference
-
-
-def _inputs(B: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(B, K, K, generator=g, dtype=torch.float64)
-    H = torch.randn(B, K, K, generator=g, dtype=torch.float64)
-    weights = torch.rand(B, K, generator=g, dtype=torch.float64)
-    weights = weights / weights.sum(1, keepdim=True)
-    E_W, E_H = torch.ones(B, dtype=torch.float64), torch.full((B,), 5.0, dtype=torch.float64)
-    step = 1.0 / lpm.lipschitz_bound(weights, E_W, E_H)
-    theta = torch.ones(B, dtype=torch.float64)
-    args = (W, H, W.clone(), H.clone(), theta, weights, E_W, E_H, step)
-    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in args)
 
 
 def main() -> None:
@@ -43,7 +30,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     for B, K in ((41, 10), (4096, 10), (64, 64)):
-        inputs = _inputs(B, K, dtype, device)
+        inputs = lpm_step_inputs(B, K, dtype, device)
         fused = lpm_step(*inputs, args.iters, "ce", True)
         ref = lpm_step_reference(*inputs, args.iters, "ce", True)
         diff = max((a - b).abs().max().item() for a, b in zip(fused[:2], ref[:2]))

@@ -1,7 +1,7 @@
 """Training-step time with and without a CollapseMonitor.
 
 CPU (default): an MLP with BatchNorm, penultimate d = 512, K = 100, batch 256, random data;
-the monitor records the penultimate features every step (exact S_W, NC4 counts against
+the monitor records the penultimate features every step (exact S_W, NC4 tallies against
 the previous epoch's means). CUDA (``--device cuda``): a ResNet-18 (CIFAR stem, 11M
 parameters) on random 3 x 32 x 32 images, K = 100, batch 256, bf16 autocast, monitor on
 the penultimate features and the four stages (average-pooled).
@@ -117,7 +117,7 @@ def timed(fn, steps: int, device: torch.device) -> float:
 def breakdown(d: int, k: int, batch: int, device: torch.device, repeats: int = 7) -> None:
     """What one recorded batch costs the monitor, part by part, on one 4096-row buffer."""
     from collapse_ext import ClassStats, class_stats, within_scatter
-    from collapse_ext.monitor import _ncc_counts
+    from collapse_ext.monitor.layer import _ncc_tallies
 
     rows = 4096
     g = torch.Generator().manual_seed(0)
@@ -133,7 +133,7 @@ def breakdown(d: int, k: int, batch: int, device: torch.device, repeats: int = 7
         "class_stats (counts, means, ss_k)": lambda: class_stats(h, y, k),
         "within_scatter (S_W, 2 d^2 flops per row)": lambda: within_scatter(h, y, means),
         "ClassStats.update (both + Chan merge)": lambda: stats.update(h, y),
-        "NC4 counts (nearest_centre, 2 K d flops per row)": lambda: _ncc_counts(h, y, means, present, pred),
+        "NC4 tallies (nearest_centre, 2 K d flops per row)": lambda: _ncc_tallies(h, y, means, present, pred),
     }
     print(f"\nper recorded batch of {batch} rows (d={d}, K={k}), reduced {rows} rows at a time:\n")
     print("| part | time per batch |")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         train_ncc=not args.no_train_ncc,
     )
 
-    # A first "epoch" so the monitor has previous means and the NC4 counts are on.
+    # A first "epoch" so the monitor has previous means and the NC4 tallies are on.
     for _ in range(3):
         step(model, x, y, opt, monitor, amp)
     monitor.compute()

@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmarks: warm-up, synchronised timers, median and spread
-of repeats, the machine's measured ceilings (bandwidth, matmul rates), tables and JSON."""
+"""Helpers shared by the benchmarks: warm-up, synchronised timers, median and spread of
+repeats, the machine's measured ceilings (bandwidth, matmul rates), tables and JSON; and
+the inputs of the ``lpm_step`` op (its script and the pytest-benchmark case)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ from dataclasses import asdict, dataclass
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lpm_step_inputs(B: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``lpm_step``'s first nine arguments for B random instances of K classes, p = K."""
+    from collapse_ext import lpm
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(B, K, K, generator=g, dtype=torch.float64)
+    H = torch.randn(B, K, K, generator=g, dtype=torch.float64)
+    weights = torch.rand(B, K, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum(1, keepdim=True)
+    E_W, E_H = torch.ones(B, dtype=torch.float64), torch.full((B,), 5.0, dtype=torch.float64)
+    step = 1.0 / lpm.lipschitz_bound(weights, E_W, E_H)
+    theta = torch.ones(B, dtype=torch.float64)
+    args = (W, H, W.clone(), H.clone(), theta, weights, E_W, E_H, step)
+    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in args)
 
 
 def sync(device: torch.device) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import collapse_ext
-from collapse_ext import ClassStats, class_stats, lpm, lpm_step, nearest_centre, pairwise_stats, within_scatter
+from collapse_ext import ClassStats, class_stats, lpm_step, nearest_centre, pairwise_stats, within_scatter
 
-from .common import sync
+from .common import lpm_step_inputs, sync
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and collapse_ext.cuda_compiled() else [])
 
@@ -69,16 +69,7 @@ def test_nearest_centre(benchmark, device):
 
 
 def test_lpm_step(benchmark, device):
-    B, K = 512, 10
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(B, K, K, generator=g, dtype=torch.float64)
-    H = torch.randn(B, K, K, generator=g, dtype=torch.float64)
-    weights = torch.rand(B, K, generator=g, dtype=torch.float64)
-    weights = weights / weights.sum(1, keepdim=True)
-    E_W, E_H = torch.ones(B, dtype=torch.float64), torch.full((B,), 5.0, dtype=torch.float64)
-    step = 1.0 / lpm.lipschitz_bound(weights, E_W, E_H)
-    args = [W, H, W.clone(), H.clone(), torch.ones(B, dtype=torch.float64), weights, E_W, E_H, step]
-    args = [t.to(device) for t in args]
+    args = lpm_step_inputs(512, 10, torch.float64, device)
     _run(benchmark, device, lambda: lpm_step(*args, 100, "ce", True))
 
 

@@ -20,6 +20,7 @@ from .metrics import (
     collapse_metrics,
     fit_separation_law,
     nearest_centre_counts,
+    nearest_centre_tallies,
     separation_fuzziness,
 )
 from .monitor import CollapseMonitor, MonitorResult
@@ -58,6 +59,7 @@ __all__ = [
     "fit_separation_law",
     "nearest_centre",
     "nearest_centre_counts",
+    "nearest_centre_tallies",
     "pairwise_stats",
     "separation_fuzziness",
     "within_scatter",

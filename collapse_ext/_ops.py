@@ -246,7 +246,7 @@ def nearest_centre(
 
     features: (N, d) float; labels: (N,) int32/int64; means: (K, d) float centres;
     weight (K, d) / bias (K,): optional classifier; present: optional (K,) bool, only those
-    centres compete. Returns counts (3,) int64 [n, ncc_correct, mismatch] (n = rows with a
+    centres compete. Returns tallies (3,) int64 [n, ncc_correct, mismatch] (n = rows with a
     label in [0, K) and a competing centre; ncc_correct: argmin_k ||h - mu_k||^2 == label;
     mismatch: it differs from argmax_k (W h + b)_k, 0 without weight) and, when
     ``assignments``, the (N,) int64 nearest centres (-1 for rows not counted; (0,) otherwise).

@@ -217,7 +217,7 @@ def nearest_centre_reference(
     bias: torch.Tensor | None = None,
     present: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts [n, ncc_correct, mismatch] (3,) int64 and the nearest-centre assignment (N,)
+    """Tallies [n, ncc_correct, mismatch] (3,) int64 and the nearest-centre assignment (N,)
     int64 from the full (N, K) distance and logit matrices in float64. Only centres with
     ``present[k]`` compete (all when None); rows with a label outside [0, K), or with no
     competing centre, get assignment -1 and are not counted; without `weight` mismatch is 0.
@@ -244,5 +244,5 @@ def nearest_centre_reference(
             logits = logits + bias.double()
         mismatch = valid & (nearest >= 0) & (logits.argmax(1) != nearest)
     counted = nearest >= 0
-    counts = torch.tensor([int(counted.sum()), int(correct.sum()), int(mismatch.sum())], dtype=torch.int64)
-    return counts, nearest
+    tallies = torch.tensor([int(counted.sum()), int(correct.sum()), int(mismatch.sum())], dtype=torch.int64)
+    return tallies, nearest

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import run_main
 
 from collapse_ext import ClassStats, collapse_metrics
 from collapse_ext.analyze import analyze
@@ -138,13 +139,6 @@ def test_other_formats_and_two_files_give_the_same_json(tmp_path, data, ext, cap
     _close(a["metrics"], b["metrics"], 1e-12)
 
 
-def _run(argv):
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
-
-
 @pytest.fixture
 def bad(tmp_path, data, monkeypatch):
     x, y, w, _ = data
@@ -203,7 +197,7 @@ BAD = [
 @pytest.mark.parametrize("argv, message", BAD)
 def test_bad_input_is_one_line_exit_2_no_files(bad, capsys, argv, message):
     before = sorted(os.listdir(bad))
-    assert _run(["analyze", *argv, "--json", "out.json", "--report", "rep"]) == 2
+    assert run_main(["analyze", *argv, "--json", "out.json", "--report", "rep"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith(f"collapse-ext analyze: error: {message}"), err

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from collapse_ext import class_stats
 from collapse_ext.reference import class_stats_reference

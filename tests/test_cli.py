@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_main
 
 from collapse_ext import lpm
 from collapse_ext.cli import build_parser, main
@@ -61,14 +62,6 @@ def test_lpm_sweep_oversampling_restores_the_etf(capsys):
     out = capsys.readouterr().out
     row = out.splitlines()[3].split("|")
     assert float(row[2]) == pytest.approx(-1 / 9, abs=1e-4)
-
-
-def _run(argv):
-    """main(argv)'s exit status, whether returned or raised."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def _files(root):
@@ -155,7 +148,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("argv, option", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, option):
     before = _files(workdir)
-    assert _run(argv) == 2
+    assert run_main(argv) == 2
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
@@ -170,7 +163,7 @@ def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, option):
 def test_unwritable_output_directory(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert _run(["lpm-sweep", "--json", str(locked / "t.json")]) == 2
+    assert run_main(["lpm-sweep", "--json", str(locked / "t.json")]) == 2
     assert "--json: expected a path in a writable directory" in capsys.readouterr().err
     assert list(locked.iterdir()) == []
 
@@ -186,7 +179,7 @@ def test_library_value_error_names_the_option(workdir, capsys, monkeypatch):
     message = "Expected `E_W` to be positive and finite, got 0.0"
     monkeypatch.setattr(lpm, "minority_collapse_sweep", _raising(ValueError(message)))
     before = _files(workdir)
-    assert _run(["lpm-sweep", "--json", "t.json", "--plot", "t.png"]) == 2
+    assert run_main(["lpm-sweep", "--json", "t.json", "--plot", "t.png"]) == 2
     err = capsys.readouterr().err
     assert err == f"collapse-ext lpm-sweep: error: --E-W: {message}\n"
     assert _files(workdir) == before
@@ -204,7 +197,7 @@ def test_internal_errors_still_raise(monkeypatch):
 def test_out_of_memory_names_the_sizes(capsys, monkeypatch):
     error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB")
     monkeypatch.setattr(lpm, "minority_collapse_sweep", _raising(error))
-    assert _run(["lpm-sweep", "--K", "100000"]) == 2
+    assert run_main(["lpm-sweep", "--K", "100000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: --K/--ratios: expected a problem that fits in memory" in err
 
@@ -212,7 +205,7 @@ def test_out_of_memory_names_the_sizes(capsys, monkeypatch):
 def test_keyboard_interrupt_exits_130_and_leaves_no_files(workdir, capsys, monkeypatch):
     monkeypatch.setattr(lpm, "minority_collapse_sweep", _raising(KeyboardInterrupt()))
     before = _files(workdir)
-    assert _run(["lpm-sweep", "--json", "t.json", "--plot", "t.png"]) == 130
+    assert run_main(["lpm-sweep", "--json", "t.json", "--plot", "t.png"]) == 130
     assert capsys.readouterr().err == "collapse-ext lpm-sweep: interrupted\n"
     assert _files(workdir) == before
 
@@ -228,7 +221,7 @@ def test_demo_interrupted_leaves_no_half_written_history(workdir, capsys, monkey
 
     monkeypatch.setattr(collapse_ext.data, "train_digits", interrupted)
     before = _files(workdir)
-    assert _run(["demo", "--epochs", "1", "--jsonl", "h.jsonl", "--csv", "h.csv"]) == 130
+    assert run_main(["demo", "--epochs", "1", "--jsonl", "h.jsonl", "--csv", "h.csv"]) == 130
     assert capsys.readouterr().err == "collapse-ext demo: interrupted\n"
     assert _files(workdir) == before
 

@@ -4,18 +4,12 @@ spread), and of the whole bundle under sample order, scale and rotation."""
 
 import pytest
 import torch
+from helpers import stats_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collapse_ext import ClassStats, collapse_metrics
+from collapse_ext import collapse_metrics
 from collapse_ext import metrics as M
-
-
-def stats_of(x, y, k, batches=1, **kw):
-    stats = ClassStats(k, x.shape[1], **kw)
-    for xb, yb in zip(x.tensor_split(batches), y.tensor_split(batches)):
-        stats.update(xb, yb)
-    return stats
 
 
 def offset_problem(k=10, d=64, n=4000, seed=0):

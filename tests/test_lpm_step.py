@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DEVICES, rel_err
+from helpers import needs_cuda, rel_err
 
 from collapse_ext import lpm_step
 from collapse_ext.reference import lpm_objective_grad_reference, lpm_step_reference
@@ -151,7 +151,7 @@ def test_bad_input_messages(device):
         lpm_step(*args, 1, "hinge")
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA build")
+@needs_cuda
 def test_cuda_size_limit_message():
     args = _inputs(1, 65, 64, device="cuda")
     with pytest.raises(RuntimeError, match=r"K \* p <= 4096"):

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from conftest import collapsed_features
+from helpers import collapsed_features, stats_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collapse_ext import ClassStats, collapse_metrics, fit_separation_law, nearest_centre_counts
+from collapse_ext import ClassStats, collapse_metrics, fit_separation_law, nearest_centre_tallies
 from collapse_ext import metrics as M
 from collapse_ext.reference import class_stats_reference, nearest_centre_reference, within_scatter_reference
 
@@ -22,13 +22,6 @@ def simplex_etf(k, d, scale=3.0, seed=0):
     centring = torch.eye(k, dtype=torch.float64) - 1.0 / k
     basis, _ = torch.linalg.qr(centring[:, : k - 1])  # (K, K-1), orthonormal columns orthogonal to 1
     return scale * math.sqrt(k / (k - 1)) * basis @ orthonormal_rows(k - 1, d, seed)
-
-
-def stats_of(x, y, k, device="cpu", batches=1, **kw):
-    stats = ClassStats(k, x.shape[1], device=device, **kw)
-    for xb, yb in zip(x.tensor_split(batches), y.tensor_split(batches)):
-        stats.update(xb.to(device), yb.to(device))
-    return stats
 
 
 def random_problem(n=900, d=24, k=7, seed=0, dtype=torch.float32, drop=()):
@@ -228,48 +221,61 @@ def test_gnc2_riesz_and_k_greater_than_d():
 
 
 # ------------------------------------------------------------------------------- NC4
-def test_nearest_centre_counts_match_reference():
+def test_nearest_centre_tallies_match_reference():
     x, y = random_problem(n=3000, d=16, k=6, seed=10, drop=(4,))
     stats = stats_of(x, y, 6)
     g = torch.Generator().manual_seed(11)
     weight, bias = torch.randn(6, 16, generator=g), torch.randn(6, generator=g)
-    got = nearest_centre_counts(x, y, stats.means, weight, bias, present=stats.present)
+    got = nearest_centre_tallies(x, y, stats.means, weight, bias, present=stats.present)
     expected, _ = nearest_centre_reference(x, y, stats.means, weight, bias, stats.present)
     assert got.dtype == torch.int64 and torch.equal(got, expected)
     # Sums over batches, and without weight the mismatch count is 0.
     parts = sum(
-        nearest_centre_counts(xb, yb, stats.means, present=stats.present) for xb, yb in zip(x.split(700), y.split(700))
+        nearest_centre_tallies(xb, yb, stats.means, present=stats.present) for xb, yb in zip(x.split(700), y.split(700))
     )
     assert parts.tolist() == [expected[0].item(), expected[1].item(), 0]
 
 
-def test_nearest_centre_counts_on_large_offsets():
+def test_nearest_centre_tallies_on_large_offsets():
     # Centres 1e-3 apart relative to a 1e4 offset: the Gram identity without a common
     # shift would lose them in float64 already for fp32 storage.
     x, y = collapsed_features(2000, 32, 10, noise=1e-3, offset=1e4)
     stats = stats_of(x, y, 10)
-    got = nearest_centre_counts(x, y, stats.means)
+    got = nearest_centre_tallies(x, y, stats.means)
     expected, _ = nearest_centre_reference(x, y, stats.means)
     assert torch.equal(got, expected) and got[1].item() == 2000
 
 
-def test_nearest_centre_counts_compile_without_graph_breaks():
+def test_nearest_centre_tallies_compile_without_graph_breaks():
     x, y = random_problem(n=200, d=8, k=4, seed=12)
     means = class_stats_reference(x, y, 4)[1]
     weight = torch.randn(4, 8)
-    f = torch.compile(nearest_centre_counts, fullgraph=True, backend="eager")
+    f = torch.compile(nearest_centre_tallies, fullgraph=True, backend="eager")
     # check_finite=False: the NaN check is a host synchronisation (a data-dependent branch).
     assert torch.equal(f(x, y, means, weight, check_finite=False), nearest_centre_reference(x, y, means, weight)[0])
 
 
-def test_bundle_uses_given_ncc_counts():
+def test_bundle_uses_given_ncc_tallies():
     x, y = random_problem(seed=13)
     stats = stats_of(x, y, 7)
-    r = collapse_metrics(stats, torch.randn(7, 24), ncc_counts=torch.tensor([100, 90, 7]))
+    r = collapse_metrics(stats, torch.randn(7, 24), ncc_tallies=torch.tensor([100, 90, 7]))
     assert r.ncc_accuracy == pytest.approx(0.9) and r.ncc_mismatch == pytest.approx(0.07)
     assert "precomputed" in r.ncc_means
     r = collapse_metrics(stats)
-    assert r.ncc_accuracy is None and "ncc_counts" in r.undefined["ncc_accuracy"]
+    assert r.ncc_accuracy is None and "ncc_tallies" in r.undefined["ncc_accuracy"]
+
+
+def test_former_ncc_counts_names_still_work_with_a_deprecation_warning():
+    x, y = random_problem(n=300, d=24, k=7, seed=13)
+    stats = stats_of(x, y, 7)
+    with pytest.warns(DeprecationWarning, match="nearest_centre_tallies"):
+        old = M.nearest_centre_counts(x, y, stats.means, present=stats.present)
+    assert torch.equal(old, nearest_centre_tallies(x, y, stats.means, present=stats.present))
+    with pytest.warns(DeprecationWarning, match="ncc_tallies"):
+        r = collapse_metrics(stats, torch.randn(7, 24), ncc_counts=torch.tensor([100, 90, 7]))
+    assert r.ncc_accuracy == pytest.approx(0.9) and r.ncc_mismatch == pytest.approx(0.07)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="got both"):
+        collapse_metrics(stats, ncc_counts=torch.tensor([1, 1, 0]), ncc_tallies=torch.tensor([1, 1, 0]))
 
 
 # -------------------------------------------------------------------- minority collapse
@@ -454,27 +460,27 @@ def test_parameters_that_require_grad_are_detached():
     centred = stats.centred_means()
     assert M.self_duality(lin.weight, centred) == M.self_duality(lin.weight.detach(), centred)
     assert M.minority_collapse(stats, lin.weight, minority=[0, 1]).minority_spread is not None
-    counts = nearest_centre_counts(feats, y, stats.means, lin.weight, lin.bias)
+    counts = nearest_centre_tallies(feats, y, stats.means, lin.weight, lin.bias)
     assert not counts.requires_grad and counts[0].item() == 300
     assert M.nc1(stats, features=feats, labels=y, mode="projected") == pytest.approx(expected["nc1"], rel=1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_feature_rows_are_named(bad):
-    # NaN rows used to be skipped silently by nearest_centre_counts.
+    # NaN rows used to be skipped silently by nearest_centre_tallies.
     x, y = random_problem(n=300, d=24, k=7, seed=22)
     stats = stats_of(x, y, 7)
     xb = x.clone()
     xb[237, 5] = bad
     match = "Expected finite `features`, got NaN or Inf in row 237"
     with pytest.raises(ValueError, match=match):
-        nearest_centre_counts(xb, y, stats.means, present=stats.present)
+        nearest_centre_tallies(xb, y, stats.means, present=stats.present)
     with pytest.raises(ValueError, match=match):
         collapse_metrics(stats, features=list(xb.split(100)), labels=list(y.split(100)))
     with pytest.raises(ValueError, match=match):
         M.nc1(stats_of(x, y, 7, within_cov=False), features=xb, labels=y)
     # Opting out keeps the op's behaviour (a NaN row is left out) and needs no host sync.
-    counts = nearest_centre_counts(xb, y, stats.means, present=stats.present, check_finite=False)
+    counts = nearest_centre_tallies(xb, y, stats.means, present=stats.present, check_finite=False)
     assert counts[0].item() == (299 if math.isnan(bad) else 300)
 
 
@@ -484,9 +490,9 @@ def test_feature_batches_are_checked():
     with pytest.raises(ValueError, match=r"Expected `labels` to be a \(100,\) int32/int64 tensor"):
         collapse_metrics(stats, features=x, labels=y.float())
     with pytest.raises(ValueError, match=r"Expected `features` to be a 2-D \(N, d\) floating tensor"):
-        nearest_centre_counts(x.long(), y, stats.means)
+        nearest_centre_tallies(x.long(), y, stats.means)
     with pytest.raises(TypeError, match="Expected `labels` to be a torch.Tensor, got list"):
-        nearest_centre_counts(x, y.tolist(), stats.means)
+        nearest_centre_tallies(x, y.tolist(), stats.means)
     # Generators are iterated once: both the projected NC1 and the NC4 pass see the data.
     plain = stats_of(x, y, 7, within_cov=False)
     r = collapse_metrics(plain, features=(b for b in x.split(30)), labels=(b for b in y.split(30)))
@@ -494,7 +500,7 @@ def test_feature_batches_are_checked():
 
 
 @pytest.mark.parametrize(
-    "counts",
+    "tallies",
     [
         torch.tensor([10, 11, 0]),
         torch.tensor([10, 1, 11]),
@@ -506,14 +512,16 @@ def test_feature_batches_are_checked():
         [10, 1, 0],
     ],
 )
-def test_ncc_counts_are_validated(counts):
+def test_ncc_tallies_are_validated(tallies):
     x, y = random_problem(n=100, d=24, k=7, seed=24)
     stats = stats_of(x, y, 7)
-    with pytest.raises(ValueError, match=r"Expected `ncc_counts` to be a \(3,\) integer tensor \[n, ncc_correct"):
-        collapse_metrics(stats, torch.randn(7, 24), ncc_counts=counts)
-    with pytest.raises(ValueError, match=r"Expected `counts` to be a \(3,\) integer tensor"):
-        M.ncc_accuracy(counts)
-    assert collapse_metrics(stats, ncc_counts=torch.tensor([10, 10, 10], dtype=torch.int32)).ncc_accuracy == 1.0
+    with pytest.raises(ValueError, match=r"Expected `ncc_tallies` to be a \(3,\) integer tensor \[n, ncc_correct"):
+        collapse_metrics(stats, torch.randn(7, 24), ncc_tallies=tallies)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"Expected `ncc_counts` to be a \(3,"):
+        collapse_metrics(stats, torch.randn(7, 24), ncc_counts=tallies)
+    with pytest.raises(ValueError, match=r"Expected `tallies` to be a \(3,\) integer tensor"):
+        M.ncc_accuracy(tallies)
+    assert collapse_metrics(stats, ncc_tallies=torch.tensor([10, 10, 10], dtype=torch.int32)).ncc_accuracy == 1.0
 
 
 def test_numpy_integers_are_class_indices():

@@ -1,16 +1,15 @@
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import DEVICES, rel_err
+from helpers import free_port, needs_cuda, rel_err, stats_of
 from torch import nn
 
 import collapse_ext.monitor.layer as layer_module
-from collapse_ext import ClassStats, CollapseMonitor, collapse_metrics, nearest_centre_counts
+from collapse_ext import ClassStats, CollapseMonitor, collapse_metrics, nearest_centre_tallies
 from collapse_ext.data import make_mlp
 from collapse_ext.monitor import PENULTIMATE, MonitorResult
 from collapse_ext.reference import nearest_centre_reference
@@ -32,11 +31,6 @@ def _mlp(d=16, k=5, seed=0):
 
 def _batches(x, y, size=32):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
-
-
-def _stats_of(features, labels, k):
-    s = ClassStats(k, features.shape[1], within_cov=True)
-    return s.update(features.double(), labels)
 
 
 def _assert_same_stats(a: ClassStats, b: ClassStats, rtol=1e-12):
@@ -64,8 +58,8 @@ def test_update_records_classifier_input_and_layers():
         h2 = model.block2(h1)
     session = mon._session
     session.flush()
-    _assert_same_stats(session.layers["block1"].stats, _stats_of(h1, y, 5), rtol=1e-6)
-    _assert_same_stats(session.layers[PENULTIMATE].stats, _stats_of(h2, y, 5), rtol=1e-6)
+    _assert_same_stats(session.layers["block1"].stats, stats_of(h1.double(), y, 5), rtol=1e-6)
+    _assert_same_stats(session.layers[PENULTIMATE].stats, stats_of(h2.double(), y, 5), rtol=1e-6)
 
 
 def test_collect_equals_update_and_buffering_is_exact():
@@ -96,14 +90,20 @@ def test_collect_equals_update_and_buffering_is_exact():
                     assert other == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-def test_conv_features_pooled_and_flattened():
-    torch.manual_seed(0)
+def _conv_net(grid: int) -> nn.Sequential:
+    """conv 3 -> 4 channels, ReLU ("act"), average pool to grid x grid, flatten, fc to 3 classes."""
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
     model.add_module("act", nn.ReLU())
-    model.add_module("pool", nn.AdaptiveAvgPool2d(2))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(grid))
     model.add_module("flat", nn.Flatten())
-    model.add_module("fc", nn.Linear(16, 3))
+    model.add_module("fc", nn.Linear(4 * grid * grid, 3))
+    return model
+
+
+def test_conv_features_pooled_and_flattened():
+    torch.manual_seed(0)
+    model = _conv_net(grid=2)
     x = torch.randn(12, 3, 5, 5)
     y = torch.arange(12) % 3
     for pool, expect in (
@@ -119,7 +119,7 @@ def test_conv_features_pooled_and_flattened():
         mon.update(y)
         mon._session.flush()
         got = mon._session.layers["act"].stats
-        _assert_same_stats(got, _stats_of(expect(out), y, 3), rtol=1e-6)
+        _assert_same_stats(got, stats_of(expect(out).double(), y, 3), rtol=1e-6)
         mon.remove()
 
 
@@ -248,7 +248,7 @@ def test_compute_bundle_nc4_previous_means_and_separation_law():
     assert m.nc1 is not None and m.self_duality is not None
     assert set(first.separation_fuzziness) == {"block1", PENULTIMATE}
     assert first.separation_law is not None and first.separation_law["rho"] > 0
-    stats = _stats_of(h, y, 5)
+    stats = stats_of(h.double(), y, 5)
     want = collapse_metrics(stats, model.fc.weight.detach(), model.fc.bias.detach())
     assert m.nc1 == pytest.approx(want.nc1, rel=1e-5)
     assert m.self_duality == pytest.approx(want.self_duality, rel=1e-5)
@@ -259,8 +259,8 @@ def test_compute_bundle_nc4_previous_means_and_separation_law():
         mon.update(yb)
     second = mon.compute()[PENULTIMATE]
     assert "previous epoch" in second.ncc_means
-    counts = nearest_centre_counts(h, y, stats.means, model.fc.weight.detach(), model.fc.bias.detach())
-    n, correct, mismatch = counts.tolist()
+    tallies = nearest_centre_tallies(h, y, stats.means, model.fc.weight.detach(), model.fc.bias.detach())
+    n, correct, mismatch = tallies.tolist()
     assert second.ncc_accuracy == pytest.approx(correct / n)
     assert second.ncc_mismatch == pytest.approx(mismatch / n)
     assert torch.equal(pred, model(x).argmax(1))
@@ -269,13 +269,13 @@ def test_compute_bundle_nc4_previous_means_and_separation_law():
 
 def test_ncc_tallies_match_reference():
     x, y = _data(noise=2.0)
-    means = _stats_of(x, y, 5).means
+    means = stats_of(x.double(), y, 5).means
     present = torch.tensor([True, True, False, True, True])
     pred = torch.randint(-1, 5, (len(y),))
-    fused = layer_module._ncc_counts(x, y, means, present, pred)
-    counts, nearest = nearest_centre_reference(x, y, means, present=present)
+    fused = layer_module._ncc_tallies(x, y, means, present, pred)
+    tallies, nearest = nearest_centre_reference(x, y, means, present=present)
     mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
-    assert torch.equal(fused, torch.stack([counts[0], counts[1], mismatch]))
+    assert torch.equal(fused, torch.stack([tallies[0], tallies[1], mismatch]))
 
 
 def test_evaluate_two_passes_with_final_means():
@@ -294,7 +294,7 @@ def test_evaluate_two_passes_with_final_means():
     with torch.no_grad():
         h = model.block2(model.block1(x))
     w, b = model.fc.weight.detach(), model.fc.bias.detach()
-    want = collapse_metrics(_stats_of(h, y, 5), w, b, features=h, labels=y)
+    want = collapse_metrics(stats_of(h.double(), y, 5), w, b, features=h, labels=y)
     got = result[PENULTIMATE]
     assert "final class means" in got.ncc_means
     assert got.ncc_accuracy == pytest.approx(want.ncc_accuracy)
@@ -447,12 +447,6 @@ def test_dataparallel_wrapper_is_looked_through():
 
 
 # --------------------------------------------------------------------- distributed
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_epochs(model, mon, batches, shard=None):
     out = []
     for _ in range(2):
@@ -504,7 +498,7 @@ def test_gloo_two_processes_match_one(tmp_path):
     single = _run_epochs(model, mon, _batches(x, y, 20))
     single.append(mon.evaluate(_batches(x, y, 30)))
     state = model.state_dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), state, x, y, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), state, x, y, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = [MonitorResult.from_dict(d) for d in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)]
         assert len(got) == 3
@@ -516,7 +510,7 @@ def test_gloo_two_processes_match_one(tmp_path):
 
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and a CUDA build")
+@needs_cuda
 def test_cuda_training_loop_never_synchronises():
     x, y = _data(n=512)
     x, y = x.cuda(), y.cuda()
@@ -696,7 +690,7 @@ def test_deferred_drops_exactly_the_bad_batches_and_counts_rows():
     want = torch.bincount(good, minlength=5)
     for name in ("block1", PENULTIMATE):
         assert torch.equal(_counts_of(mon, name), want)
-    ref = _stats_of(model.block1(torch.cat([xb for i, (xb, _) in enumerate(batches) if i not in bad])), good, 5)
+    ref = stats_of(model.block1(torch.cat([xb for i, (xb, _) in enumerate(batches) if i not in bad])).double(), good, 5)
     _assert_same_stats(mon._session.layers["block1"].stats, ref, rtol=1e-6)
 
 
@@ -853,12 +847,7 @@ def test_statistics_keep_no_autograd_graph():
     import weakref
 
     torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("conv", nn.Conv2d(3, 4, 3, padding=1))
-    model.add_module("act", nn.ReLU())
-    model.add_module("gap", nn.AdaptiveAvgPool2d(1))
-    model.add_module("flat", nn.Flatten())
-    model.add_module("fc", nn.Linear(4, 3))
+    model = _conv_net(grid=1)
     proj = nn.Linear(4, 2)  # a learnable pool: its output would carry a graph
     mon = CollapseMonitor(
         model, classifier="fc", num_classes=3, layers=["act"], pool={"act": lambda t: proj(t.mean((2, 3)))}

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import collapsed_features
+from helpers import collapsed_features, needs_cuda
 
 from collapse_ext import nearest_centre
 from collapse_ext.reference import class_stats_reference, nearest_centre_reference
@@ -17,8 +17,8 @@ def problem(n, d, k, seed=0, dtype=torch.float32, device="cpu", spread=3.0):
 
 
 def check(features, labels, means, weight=None, bias=None, present=None):
-    counts, assigned = nearest_centre(features, labels, means, weight, bias, present, True)
-    r_counts, r_assigned = nearest_centre_reference(
+    tallies, assigned = nearest_centre(features, labels, means, weight, bias, present, True)
+    r_tallies, r_assigned = nearest_centre_reference(
         features.cpu(),
         labels.cpu(),
         means.cpu(),
@@ -26,13 +26,13 @@ def check(features, labels, means, weight=None, bias=None, present=None):
         None if bias is None else bias.cpu(),
         None if present is None else present.cpu(),
     )
-    assert counts.dtype == torch.int64 and assigned.dtype == torch.int64
-    assert counts.device == features.device
+    assert tallies.dtype == torch.int64 and assigned.dtype == torch.int64
+    assert tallies.device == features.device
     assert torch.equal(assigned.cpu(), r_assigned)
-    assert torch.equal(counts.cpu(), r_counts)
-    only_counts, empty = nearest_centre(features, labels, means, weight, bias, present)
-    assert torch.equal(only_counts, counts) and empty.shape == (0,)
-    return counts
+    assert torch.equal(tallies.cpu(), r_tallies)
+    only_tallies, empty = nearest_centre(features, labels, means, weight, bias, present)
+    assert torch.equal(only_tallies, tallies) and empty.shape == (0,)
+    return tallies
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -41,8 +41,8 @@ def test_matches_reference(device, dtype, label_dtype):
     x, y, mu, w, b = problem(600, 24, 9, dtype=dtype, device=device)
     # Centres from the (rounded) data itself, as the metrics use them.
     means = class_stats_reference(x.cpu(), y.cpu(), 9)[1].to(device)
-    counts = check(x, y.to(label_dtype), means, w, b)
-    assert counts[0] == 600 and counts[1] > 500
+    tallies = check(x, y.to(label_dtype), means, w, b)
+    assert tallies[0] == 600 and tallies[1] > 500
     check(x, y, means, w.to(dtype))  # classifier in the features' dtype, no bias
     check(x, y, means)
 
@@ -56,19 +56,19 @@ def test_several_chunks_and_many_classes(device):
 def test_present_mask_and_absent_centres(device):
     x, y, mu, w, b = problem(500, 8, 6, seed=2, device=device)
     present = torch.tensor([True, True, False, True, False, True], device=device)
-    counts = check(x, y, mu, w, b, present)
+    tallies = check(x, y, mu, w, b, present)
     got = nearest_centre(x, y, mu, present=present, assignments=True)[1]
     assert not torch.isin(got, torch.tensor([2, 4], device=device)).any()
     none = torch.zeros(6, dtype=torch.bool, device=device)
-    counts = check(x, y, mu, w, b, none)
-    assert counts.tolist() == [0, 0, 0]
+    tallies = check(x, y, mu, w, b, none)
+    assert tallies.tolist() == [0, 0, 0]
 
 
 def test_large_offset_needs_the_shift(device):
     x, y = collapsed_features(3000, 32, 10, noise=1e-3, offset=1e4)
     means = class_stats_reference(x, y, 10)[1]
-    counts = check(x.to(device), y.to(device), means.to(device))
-    assert counts.tolist() == [3000, 3000, 0]
+    tallies = check(x.to(device), y.to(device), means.to(device))
+    assert tallies.tolist() == [3000, 3000, 0]
     # The unshifted Gram identity in fp32 is what the shift avoids.
     x32, mu32 = x.float(), means.float()
     naive = ((mu32 * mu32).sum(1) - 2 * x32 @ mu32.T).argmin(1)
@@ -126,14 +126,14 @@ def test_compiles_under_torch_compile(device):
     assert torch.equal(f(x, y).cpu(), 2 * nearest_centre_reference(x.cpu(), y.cpu(), mu.cpu(), w.cpu(), b.cpu())[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_no_host_synchronisation_on_cuda():
     x, y, mu, w, b = problem(5000, 32, 50, device="cuda")
     present = torch.ones(50, dtype=torch.bool, device="cuda")
     nearest_centre(x, y, mu, w, b, present)  # warm up allocations
     torch.cuda.set_sync_debug_mode("error")
     try:
-        counts, _ = nearest_centre(x, y, mu, w, b, present)
+        tallies, _ = nearest_centre(x, y, mu, w, b, present)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert counts.device.type == "cuda"
+    assert tallies.device.type == "cuda"

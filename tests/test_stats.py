@@ -1,10 +1,9 @@
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import collapsed_features, rel_err
+from helpers import collapsed_features, free_port, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,12 +217,6 @@ def test_device_follows_first_batch_and_rejects_mixing():
         s.update(torch.randn(2, 3, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _all_reduce_worker(rank, world, port, x, y, out):
     import torch.distributed as dist
 
@@ -242,7 +235,7 @@ def _all_reduce_worker(rank, world, port, x, y, out):
 def test_gloo_all_reduce_matches_one_pass(tmp_path):
     x, y = collapsed_features(250, 10, 6, 1e-3, offset=100.0, dtype=torch.float64)
     y[y == 5] = 4  # class 5 absent everywhere
-    mp.spawn(_all_reduce_worker, args=(2, _free_port(), x, y, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_all_reduce_worker, args=(2, free_port(), x, y, str(tmp_path)), nprocs=2, join=True)
     whole = ClassStats(6, 10).update(x, y)
     for rank in range(2):
         got = ClassStats(6, 10)
@@ -386,7 +379,7 @@ def _mismatch_worker(rank, world, port, out):
 
 
 def test_all_reduce_with_different_shapes_raises_on_every_rank(tmp_path):
-    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_mismatch_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "same (num_classes, dim, within_cov, float64 state)" in messages[0]

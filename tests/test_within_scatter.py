@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import collapsed_features, rel_err
+from helpers import collapsed_features, rel_err
 
 from collapse_ext import class_stats, within_scatter
 from collapse_ext.reference import class_stats_reference, within_scatter_reference

@@ -37,7 +37,7 @@ from .geometry import (
 )
 from .minority import MinorityCollapse, minority_collapse
 from .nc1 import nc1, nc1_cdnv, nc1_quotient, separation_fuzziness
-from .ncc import ncc_accuracy, ncc_mismatch, nearest_centre_counts
+from .ncc import ncc_accuracy, ncc_mismatch, nearest_centre_counts, nearest_centre_tallies
 from .separation import SeparationLaw, fit_separation_law
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "ncc_accuracy",
     "ncc_mismatch",
     "nearest_centre_counts",
+    "nearest_centre_tallies",
     "orthogonal_frame_error",
     "self_duality",
     "separation_fuzziness",

@@ -3,6 +3,7 @@ with ``None`` and a reason for the others (:func:`collapse_metrics`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -23,7 +24,7 @@ from .geometry import (
 )
 from .minority import MINORITY_FIELDS, minority_parts, minority_set
 from .nc1 import cdnv, cdnv_pairs, nc1, nc1_quotient, separation_fuzziness
-from .ncc import check_ncc_counts, ncc_accuracy, ncc_mismatch, nearest_centre_counts
+from .ncc import check_ncc_tallies, ncc_accuracy, ncc_mismatch, nearest_centre_tallies
 
 __all__ = ["CollapseMetrics", "collapse_metrics"]
 
@@ -79,7 +80,7 @@ class CollapseMetrics:
     _NOT_METRICS = ("minority_classes", "absent_classes", "ncc_means", "undefined")
 
     def to_dict(self) -> dict[str, float | None]:
-        """Flat {name: float or None} of the numbers (counts as floats), for loggers."""
+        """Flat {name: float or None} of the numbers (integers as floats), for loggers."""
         out: dict[str, float | None] = {}
         for f in fields(self):
             if f.name in self._NOT_METRICS:
@@ -126,9 +127,10 @@ def collapse_metrics(
     minority_threshold: float = 0.5,
     features: Any = None,
     labels: Any = None,
-    ncc_counts: torch.Tensor | None = None,
+    ncc_tallies: torch.Tensor | None = None,
     cdnv_exponent: float = 1.0,
     rtol: float | None = None,
+    ncc_counts: torch.Tensor | None = None,
 ) -> CollapseMetrics:
     """All the metrics computable from ``stats`` (a ClassStats) and what else is given.
 
@@ -136,9 +138,10 @@ def collapse_metrics(
     the NC4 mismatch and the classifier parts of minority collapse. features (N, d) /
     labels (N,) (tensors or sequences of batches, the data the statistics came from): NC4
     pass with the current means, and the projected NC1 mode when ``stats`` has no S_W.
-    ncc_counts: (3,) int64 [n, ncc_correct, mismatch] accumulated elsewhere (e.g. by a
-    monitor with the previous epoch's means, :func:`nearest_centre_counts`); used when
-    ``features`` is not given. minority: explicit class indices, or None for the present
+    ncc_tallies: (3,) int64 [n, ncc_correct, mismatch] accumulated elsewhere (e.g. by a
+    monitor with the previous epoch's means, :func:`nearest_centre_tallies`); used when
+    ``features`` is not given (``ncc_counts``, its former name, still works with a
+    DeprecationWarning). minority: explicit class indices, or None for the present
     classes with n_k < ``minority_threshold`` * max n_k (minority metrics only when both
     minority and majority classes exist). Undefined metrics are ``None`` and explained in
     ``undefined``; absent classes are excluded everywhere and listed.
@@ -156,7 +159,14 @@ def collapse_metrics(
         checked = list(batches(features, labels))
         features, labels = [x for x, _ in checked], [y for _, y in checked]
     if ncc_counts is not None:
-        ncc_counts = check_ncc_counts(ncc_counts)
+        warnings.warn(
+            "collapse_metrics(ncc_counts=...) is deprecated: use ncc_tallies", DeprecationWarning, stacklevel=2
+        )
+        if ncc_tallies is not None:
+            raise ValueError("Expected `ncc_tallies` or its former name `ncc_counts`, got both")
+        ncc_tallies = check_ncc_tallies(ncc_counts, "ncc_counts")
+    elif ncc_tallies is not None:
+        ncc_tallies = check_ncc_tallies(ncc_tallies)
     p = positive_float(cdnv_exponent, "cdnv_exponent")
     rtol = rank_rtol(rtol)
     stats.check_rejected()
@@ -186,53 +196,54 @@ def collapse_metrics(
     centred = stats.centred_means()
     pm = cdnv_pairs(stats, p)
     put(("nc1_cdnv",), cdnv, pm)
-    put(("equinorm_means",), equinorm_of, centred)
-    put(("equiangularity_means",), pm.cosine_std, "equiangularity")
-    put(("mean_cosine_means",), pm.mean_cosine)
-    put(("max_angle_means",), max_angle_of, pm)
-    put(("etf_error_means",), etf_error_of, pm)
-    put(("gnc2_means", "gnc2_var_means"), gnc2_of, pm)
-    put(("orthogonal_frame_error_means",), lambda: orthogonal_frame_error_of(Pairs(stats.means[present])))
+    # The orthogonal frame is of the uncentred means (imbalanced bias-free MSE).
+    _nc2(put, "means", centred, pm, lambda: Pairs(stats.means[present]))
 
     if w is not None:
         wp = w[present]
         pw = Pairs(wp)
-        put(("equinorm_weights",), equinorm_of, wp)
-        put(("equiangularity_weights",), pw.cosine_std, "equiangularity")
-        put(("mean_cosine_weights",), pw.mean_cosine)
-        put(("max_angle_weights",), max_angle_of, pw)
-        put(("etf_error_weights",), etf_error_of, pw)
-        put(("gnc2_weights", "gnc2_var_weights"), gnc2_of, pw)
-        put(("orthogonal_frame_error_weights",), orthogonal_frame_error_of, pw)
+        _nc2(put, "weights", wp, pw, lambda: pw)
         put(("self_duality",), self_duality_of, wp, centred)
         put(("uniform_duality",), uniform_duality_of, wp, centred)
     else:
         out.undefined.update(dict.fromkeys(_WEIGHT_METRICS, "needs the classifier `weight`"))
 
-    _ncc(out, stats, w, bias, features, labels, ncc_counts, put)
+    _ncc(out, stats, w, bias, features, labels, ncc_tallies, put)
     _minority(out, stats, w, minority, minority_threshold)
     return out
 
 
-def _ncc(out, stats, w, bias, features, labels, ncc_counts, put) -> None:
+def _nc2(put, which: str, rows: torch.Tensor, pairs: Pairs, frame: Callable[[], Pairs]) -> None:
+    """The NC2 metrics ``*_<which>`` of one row set (``which``: "means" or "weights"): rows
+    (K', d) and their pairwise sums; ``frame()`` the pairs of the orthogonal-frame error."""
+    put((f"equinorm_{which}",), equinorm_of, rows)
+    put((f"equiangularity_{which}",), pairs.cosine_std, "equiangularity")
+    put((f"mean_cosine_{which}",), pairs.mean_cosine)
+    put((f"max_angle_{which}",), max_angle_of, pairs)
+    put((f"etf_error_{which}",), etf_error_of, pairs)
+    put((f"gnc2_{which}", f"gnc2_var_{which}"), gnc2_of, pairs)
+    put((f"orthogonal_frame_error_{which}",), lambda: orthogonal_frame_error_of(frame()))
+
+
+def _ncc(out, stats, w, bias, features, labels, ncc_tallies, put) -> None:
     if features is not None:
-        counts = torch.zeros(3, dtype=torch.int64)
+        tallies = torch.zeros(3, dtype=torch.int64)
         for x, y in batches(features, labels):
             wx = w.to(x.device) if w is not None else None
             bx = bias.to(x.device) if bias is not None else None
-            counts += nearest_centre_counts(x, y, stats.means.to(x.device), wx, bx, present=stats.present).cpu()
+            tallies += nearest_centre_tallies(x, y, stats.means.to(x.device), wx, bx, present=stats.present).cpu()
         out.ncc_means = "current class means (second pass over `features`)"
-    elif ncc_counts is not None:
-        counts = ncc_counts.cpu()
-        out.ncc_means = "precomputed `ncc_counts` (e.g. previous-epoch means)"
+    elif ncc_tallies is not None:
+        tallies = ncc_tallies.cpu()
+        out.ncc_means = "precomputed `ncc_tallies` (e.g. previous-epoch means)"
     else:
-        why = "needs `features`/`labels` or precomputed `ncc_counts`"
+        why = "needs `features`/`labels` or precomputed `ncc_tallies`"
         out.undefined["ncc_accuracy"] = why
         out.undefined.setdefault("ncc_mismatch", why)
         return
-    put(("ncc_accuracy",), ncc_accuracy, counts)
+    put(("ncc_accuracy",), ncc_accuracy, tallies)
     if w is not None:
-        put(("ncc_mismatch",), ncc_mismatch, counts)
+        put(("ncc_mismatch",), ncc_mismatch, tallies)
 
 
 def _minority(out: CollapseMetrics, stats: ClassStats, w, minority, threshold) -> None:

@@ -3,6 +3,7 @@ fused ``nearest_centre`` pass, and the two fractions made from them."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -10,10 +11,10 @@ import torch
 from .._ops import nearest_centre
 from ._inputs import UndefinedMetricError, check_features, check_finite_rows
 
-__all__ = ["ncc_accuracy", "ncc_mismatch", "nearest_centre_counts"]
+__all__ = ["ncc_accuracy", "ncc_mismatch", "nearest_centre_counts", "nearest_centre_tallies"]
 
 
-def nearest_centre_counts(
+def nearest_centre_tallies(
     features: torch.Tensor,
     labels: torch.Tensor,
     means: torch.Tensor,
@@ -23,7 +24,7 @@ def nearest_centre_counts(
     present: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> torch.Tensor:
-    """NC4 counts (3,) int64 [n, ncc_correct, mismatch] on the features' device; one fused
+    """NC4 tallies (3,) int64 [n, ncc_correct, mismatch] on the features' device; one fused
     ``nearest_centre`` pass. NaN/Inf feature rows raise a ValueError naming the first one
     (one host synchronisation); ``check_finite=False`` skips that check, for a sync-free
     call inside a training step or ``torch.compile`` (the op then leaves such rows out).
@@ -33,8 +34,8 @@ def nearest_centre_counts(
     weight (K, d) / bias (K,) the classifier (mismatch is 0 without ``weight``); present
     (K,) bool: only these centres compete (pass ``stats.present``: absent classes have zero
     means). means/weight/bias/present are moved to the features' device. ncc_correct
-    counts argmin_k ||h - mu_k||^2 == y; mismatch counts argmin_k ||h - mu_k||^2 !=
-    argmax_k (W h + b)_k (Papyan et al. 2020). Sum the counts over batches.
+    tallies argmin_k ||h - mu_k||^2 == y; mismatch tallies argmin_k ||h - mu_k||^2 !=
+    argmax_k (W h + b)_k (Papyan et al. 2020). Sum the tallies over batches.
     """
     features, labels = check_features(features, labels)
     if check_finite:
@@ -44,32 +45,38 @@ def nearest_centre_counts(
     return nearest_centre(features.detach(), labels.to(dev), *moved)[0]
 
 
-def check_ncc_counts(counts: Any, name: str = "ncc_counts") -> torch.Tensor:
+def nearest_centre_counts(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Deprecated name of :func:`nearest_centre_tallies` ("counts" are class sizes n_k)."""
+    warnings.warn("nearest_centre_counts is deprecated: use nearest_centre_tallies", DeprecationWarning, stacklevel=2)
+    return nearest_centre_tallies(*args, **kwargs)
+
+
+def check_ncc_tallies(tallies: Any, name: str = "ncc_tallies") -> torch.Tensor:
     """(3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n."""
     form = "a (3,) integer tensor [n, ncc_correct, mismatch] with 0 <= ncc_correct, mismatch <= n"
-    ok = isinstance(counts, torch.Tensor) and tuple(counts.shape) == (3,)
-    ok = ok and not counts.is_floating_point() and not counts.is_complex() and counts.dtype != torch.bool
+    ok = isinstance(tallies, torch.Tensor) and tuple(tallies.shape) == (3,)
+    ok = ok and not tallies.is_floating_point() and not tallies.is_complex() and tallies.dtype != torch.bool
     if ok:
-        n, correct, mismatch = (int(v) for v in counts.tolist())
+        n, correct, mismatch = (int(v) for v in tallies.tolist())
         ok = n >= 0 and 0 <= correct <= n and 0 <= mismatch <= n
     if not ok:
-        raise ValueError(f"Expected `{name}` to be {form}, got {counts!r}")
-    return counts.detach().cpu().long()
+        raise ValueError(f"Expected `{name}` to be {form}, got {tallies!r}")
+    return tallies.detach().cpu().long()
 
 
-def _fraction(counts: Any, column: int) -> float:
-    tallies = check_ncc_counts(counts, "counts").tolist()
-    if tallies[0] == 0:
+def _fraction(tallies: Any, column: int) -> float:
+    values = check_ncc_tallies(tallies, "tallies").tolist()
+    if values[0] == 0:
         raise UndefinedMetricError("no samples were classified")
-    return tallies[column] / tallies[0]
+    return values[column] / values[0]
 
 
-def ncc_accuracy(counts: torch.Tensor) -> float:
-    """NC4 nearest-class-centre accuracy ncc_correct / n from :func:`nearest_centre_counts`."""
-    return _fraction(counts, 1)
+def ncc_accuracy(tallies: torch.Tensor) -> float:
+    """NC4 nearest-class-centre accuracy ncc_correct / n from :func:`nearest_centre_tallies`."""
+    return _fraction(tallies, 1)
 
 
-def ncc_mismatch(counts: torch.Tensor) -> float:
+def ncc_mismatch(tallies: torch.Tensor) -> float:
     """NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre differs from
-    the classifier's prediction, from :func:`nearest_centre_counts` (computed with ``weight``)."""
-    return _fraction(counts, 2)
+    the classifier's prediction, from :func:`nearest_centre_tallies` (computed with ``weight``)."""
+    return _fraction(tallies, 2)

@@ -62,7 +62,7 @@ class Layer:
 
     def allocate(self, dim: int, device: torch.device) -> None:
         mon = self.monitor
-        cov = mon.within_cov if isinstance(mon.within_cov, bool) else dim <= mon.max_cov_dim
+        cov = mon._keeps_scatter(dim)
         self.check = mon.check or ("deferred" if device.type == "cuda" else "strict")
         with torch.inference_mode(False):
             self.acc = ClassStats(mon.num_classes + 1, dim, device=device, within_cov=cov, check=self.check)
@@ -174,7 +174,7 @@ class Layer:
                 stack.enter_context(torch.autocast(x.device.type, enabled=False))
                 ncc = self.ncc
                 if self.means is not None:
-                    ncc = ncc + _ncc_counts(x, y, *self.means, pred)
+                    ncc = ncc + _ncc_tallies(x, y, *self.means, pred)
                 if not self.ncc_only:
                     self.acc.update(x, y)
                 self.ncc = ncc
@@ -217,17 +217,17 @@ def add_class(stats: ClassStats, check: str) -> ClassStats:
     return out
 
 
-def _ncc_counts(
+def _ncc_tallies(
     x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, present: torch.Tensor, pred: torch.Tensor
 ) -> torch.Tensor:
-    """NC4 counts [n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
+    """NC4 tallies [n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
 
     The nearest centre comes from the fused ``nearest_centre`` op; the mismatch compares it
     with ``pred``, the classifier's argmax in the same forward (-1: none, counted as
     agreeing), so it is the model's own prediction whatever the classifier module and precision."""
-    counts, nearest = nearest_centre(x, y, means, present=present, assignments=True)
+    tallies, nearest = nearest_centre(x, y, means, present=present, assignments=True)
     mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
-    return torch.stack([counts[0], counts[1], mismatch])
+    return torch.stack([tallies[0], tallies[1], mismatch])
 
 
 class Session:

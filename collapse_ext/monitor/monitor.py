@@ -16,7 +16,7 @@ Per batch the hooks only copy the detached (pooled) features into a per-layer bu
 full buffers are reduced by the fused ``class_stats`` / ``within_scatter`` ops and merged
 exactly (Chan et al.). Nothing in the per-batch path reads a value back to the host, so a
 CUDA training loop never stalls: on CUDA the statistics use ``check="deferred"`` and the
-NC4 counts accumulate on the device.
+NC4 tallies accumulate on the device.
 
 NC4 (nearest class centre, Papyan et al. 2020) needs the class means before the samples
 are classified. During training it uses the previous epoch's means (said so in the
@@ -179,6 +179,10 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
                 f"got {self.num_classes}"
             )
 
+    def _keeps_scatter(self, dim: int) -> bool:
+        """Whether a layer of width ``dim`` accumulates S_W: ``within_cov``, or for "auto" d <= max_cov_dim."""
+        return self.within_cov if isinstance(self.within_cov, bool) else dim <= self.max_cov_dim
+
     def _classifier_params(self, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         w = getattr(self.classifier, "weight", None)
         b = getattr(self.classifier, "bias", None)
@@ -207,16 +211,16 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
                 notes[name] = "no batch recorded"
                 continue
             w, b = self._classifier_params(stats.dim) if name == PENULTIMATE else (None, None)
-            counts = layer.ncc if layer.means is not None else None
+            tallies = layer.ncc if layer.means is not None else None
             m = collapse_metrics(
                 stats,
                 w,
                 b,
                 minority=self.minority,
                 minority_threshold=self.minority_threshold,
-                ncc_counts=counts,
+                ncc_tallies=tallies,
             )
-            if counts is not None:
+            if tallies is not None:
                 m.ncc_means = ncc_note
                 if name != PENULTIMATE:
                     m.undefined.setdefault("ncc_mismatch", "only for the classifier input (penultimate)")

@@ -28,11 +28,11 @@ def _tensor(value: Any, what: str, shape: tuple[int, ...], dtypes: tuple[torch.d
     return value
 
 
-def _counts(value: Any, what: str, n: int) -> torch.Tensor:
-    """A checked (n,) int64 tensor of non-negative counts."""
+def _nonnegative(value: Any, what: str, n: int) -> torch.Tensor:
+    """A checked (n,) int64 tensor of non-negative integers (class sizes, tallies)."""
     value = _tensor(value, what, (n,), (torch.int64,))
     if bool((value < 0).any()):
-        raise ValueError(f"Expected {what} to be non-negative counts, got {value.tolist()}")
+        raise ValueError(f"Expected {what} to be non-negative integers, got {value.tolist()}")
     return value
 
 
@@ -41,7 +41,7 @@ class Persistence:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume mid-epoch with identical results: this rank's
-        statistics, the rows still buffered, the NC4 and dropped-batch counts and centres,
+        statistics, the rows still buffered, the NC4 tallies, the dropped-batch counters and centres,
         counters and the history (plain tensors, numbers and strings: loads with
         ``torch.load(weights_only=True)``). Buffered rows of dropped batches have label K."""
         layers = {}
@@ -142,9 +142,9 @@ class Persistence:
             layer = session.layers[name]
             layer.allocate(stats.dim, device)
             layer.acc = add_class(stats, layer.check)
-            layer.ncc = _counts(entry["ncc"], f"{where}['ncc']", 3).to(device)
+            layer.ncc = _nonnegative(entry["ncc"], f"{where}['ncc']", 3).to(device)
             dropped = entry.get("dropped", torch.zeros(2, dtype=torch.int64))
-            layer.dropped = layer.batch_dropped = _counts(dropped, f"{where}['dropped']", 2).to(device)
+            layer.dropped = layer.batch_dropped = _nonnegative(dropped, f"{where}['dropped']", 2).to(device)
             rows = entry["rows"]
             if rows is None:
                 continue
@@ -179,7 +179,7 @@ class Persistence:
         d = index(saved["dim"])
         if d is None or d <= 0:
             raise ValueError(f"Expected {where}['dim'] to be a positive int, got {saved['dim']!r}")
-        cov = self.within_cov if isinstance(self.within_cov, bool) else d <= self.max_cov_dim
+        cov = self._keeps_scatter(d)
         if saved["within_cov"] is not cov:
             raise ValueError(
                 f"Expected {where} with within_cov={cov} like this monitor (within_cov={self.within_cov!r}, "
@@ -187,7 +187,7 @@ class Persistence:
             )
         if saved["global_mean"] not in ("sample", "class"):
             raise ValueError(f"Expected {where}['global_mean'] to be 'sample' or 'class', got {saved['global_mean']!r}")
-        _counts(saved["counts"], f"{where}['counts']", k)
+        _nonnegative(saved["counts"], f"{where}['counts']", k)
         floats = (torch.float32, torch.float64)
         means = _tensor(saved["means"], f"{where}['means']", (k, d), floats)
         sqdev = _tensor(saved["sqdev"], f"{where}['sqdev']", (k,), floats)

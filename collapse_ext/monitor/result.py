@@ -9,7 +9,19 @@ from typing import Any
 
 from ..metrics import CollapseMetrics
 
-__all__ = ["MonitorResult"]
+__all__ = ["MonitorResult", "layer_entry"]
+
+
+def layer_entry(m: CollapseMetrics) -> dict[str, Any]:
+    """The dict form of one layer's bundle in :meth:`MonitorResult.to_dict` (read back by
+    :meth:`MonitorResult.from_dict`)."""
+    return {
+        "metrics": m.to_dict(),
+        "absent_classes": list(m.absent_classes),
+        "minority_classes": list(m.minority_classes),
+        "ncc_means": m.ncc_means,
+        "undefined": dict(m.undefined),
+    }
 
 
 @dataclass
@@ -45,15 +57,7 @@ class MonitorResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (JSON-ready); :meth:`from_dict` rebuilds the result."""
-        layers = {}
-        for name, m in self.layers.items():
-            layers[name] = {
-                "metrics": m.to_dict(),
-                "absent_classes": list(m.absent_classes),
-                "minority_classes": list(m.minority_classes),
-                "ncc_means": m.ncc_means,
-                "undefined": dict(m.undefined),
-            }
+        layers = {name: layer_entry(m) for name, m in self.layers.items()}
         return {
             "epoch": self.epoch,
             "phase": self.phase,

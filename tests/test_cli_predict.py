@@ -3,22 +3,28 @@ import re
 
 import pytest
 
-from collapse_ext import theory_cli
-from collapse_ext.cli import _Parser  # the one-line error parser the lead wires predict into
+from collapse_ext.cli import predict
+from collapse_ext.cli.common import _Parser  # the one-line error parser of every subcommand
 
 
 def _main(argv):
     parser = _Parser(prog="collapse-ext")
-    theory_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    predict.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
 
+def test_former_module_name_still_imports():
+    from collapse_ext import theory_cli
+
+    assert theory_cli.run is predict.run and theory_cli.add_parser is predict.add_parser
+
+
 def test_profiles():
-    assert theory_cli.parse_profile("step:10:1:K=4:KA=1") == [10.0, 1.0, 1.0, 1.0]
-    exp = theory_cli.parse_profile("exp:500:5:K=3")
+    assert predict.parse_profile("step:10:1:K=4:KA=1") == [10.0, 1.0, 1.0, 1.0]
+    exp = predict.parse_profile("exp:500:5:K=3")
     assert exp[0] == 500 and exp[-1] == pytest.approx(5) and exp[1] == pytest.approx(50)
-    assert theory_cli.parse_profile("pareto:8:1:K=4") == [8.0, 4.0, 8 / 3, 2.0]
+    assert predict.parse_profile("pareto:8:1:K=4") == [8.0, 4.0, 8 / 3, 2.0]
 
 
 @pytest.mark.parametrize("ext", [".txt", ".csv", ".json", ".npy"])

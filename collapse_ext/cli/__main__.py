@@ -1,0 +1,7 @@
+"""``python -m collapse_ext.cli <command>``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
