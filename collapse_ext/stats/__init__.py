@@ -20,6 +20,11 @@ rows (Chan, Golub & LeVeque 1979),
     mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,
     S_W  <- S_W + P - sum_k t_k t_k^T / N_k.
 
+The first blocks fold early (after 1, 2, 4, ... batches) to renew the shifts; those
+folds update the (K, d) state only and queue their corrections, and P joins S_W (with
+the queued corrections) every ``fold_rows`` rows and on reads, so a small-batch loop does
+O(d^2) float64 work once per ``fold_rows`` rows, not once per fold.
+
 Because c_k is within a few standard deviations of the class mean, e_i carries no common
 offset and the correction term is small: nothing cancels, even on fully collapsed
 features. The one-pass identity sum h h^T - n mu mu^T is never used.

@@ -97,6 +97,8 @@ class ClassStats(StatePersistence, Mergeable):
         self._staged = 0
         self._pending_rows = 0
         self._folded_rows = 0
+        self._p_rows = 0  # rows in the float32 products since they were last added to S_W
+        self._corrections: list[torch.Tensor] = []  # float64 rows c: S_W -= c^T c, not yet applied
         self.wide_product = False
 
     @property
@@ -196,7 +198,7 @@ class ClassStats(StatePersistence, Mergeable):
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         rows, strict = x.shape[0], self.check == "strict"
-        if self._pending_rows + rows > self.fold_rows:
+        if self._p_rows + rows > self.fold_rows:
             self._fold(sync=strict)
         fp64 = x.dtype == torch.float64
         # Every entry of a pending block's products is at most block * max_i ||e_i||^2.
@@ -225,12 +227,15 @@ class ClassStats(StatePersistence, Mergeable):
             else:
                 self._stage_product(centred)
         self._pending_rows += rows
+        self._p_rows += rows
         # Early blocks fold as soon as they hold as many rows as every fold before them
         # (1, 2, 4, ... batches), so no block is centred about shifts estimated from far
         # fewer rows than it holds: a poor shift leaves a rank-one term of about
         # d x the within-class variance in the float32 products, which costs digits.
+        # These folds renew the shifts only: the products stay in float32 (up to
+        # fold_rows rows in all) and their corrections wait, so no (d, d) work is done.
         if self._pending_rows >= self._folded_rows:
-            self._fold(sync=strict)
+            self._fold(sync=strict, flush=False)
 
     def _stage_product(self, centred: torch.Tensor) -> None:
         """Add centred^T centred (float32) to _p, staging small batches: a (d, d) product of
@@ -266,14 +271,23 @@ class ClassStats(StatePersistence, Mergeable):
             f"deviation of {peak:.3g} in one row"
         )
 
-    def _fold(self, sync: bool = True) -> None:
+    def _fold(self, sync: bool = True, flush: bool = True) -> None:
         """Merge the pending block into the folded state (exact; see the module docstring).
 
         With ``sync`` the classes touched since the last fold are found first (one host
         synchronisation) and only their rows are visited: O(touched x d + d^2). Without
-        it (deferred mode, inside an update) every row is: O(K d), no synchronisation."""
-        if self._pending_rows == 0:
-            return
+        it (deferred mode, inside an update) every row is: O(K d), no synchronisation.
+        With ``flush`` (every read) the float32 products and the corrections of every
+        fold since the last flush are added to S_W; without it they wait: the products
+        about old and new shifts may share one sum because each fold's correction
+        -t t^T / N depends only on that fold's block."""
+        if self._pending_rows:
+            self._merge_block(sync)
+        if flush and self._p_rows:
+            self._flush_products()
+            self._p_rows = 0
+
+    def _merge_block(self, sync: bool) -> None:
         with torch.no_grad(), torch.inference_mode(False):
             rows = self._m.nonzero().squeeze(1) if sync else None
 
@@ -287,14 +301,11 @@ class ClassStats(StatePersistence, Mergeable):
             mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
             ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
             if self._sw is not None:
-                self._flush_stage()
                 scaled = t / nf.sqrt().unsqueeze(1)
-                self._sw.add_(self._p)  # promoted to float64 element by element, no copy
-                self._sw.addmm_(scaled.T, scaled, alpha=-1.0)
-                if self._p64 is not None:
-                    self._sw += self._p64
-                    self._p64 = None
-                self._p.zero_()
+                if scaled.shape[0] > self.dim:  # as costly as a (d, d) pass anyway
+                    self._sw.addmm_(scaled.T, scaled, alpha=-1.0)
+                else:
+                    self._corrections.append(scaled)
             if rows is None:
                 self._n, self._mu, self._ss = n, mu, ss
                 self._t.zero_()
@@ -309,6 +320,23 @@ class ClassStats(StatePersistence, Mergeable):
                 self._q.index_fill_(0, rows, 0.0)
         self._folded_rows += self._pending_rows
         self._pending_rows = 0
+
+    def _flush_products(self) -> None:
+        """S_W += P (the float32 products, and the float64 ones if any) - the waiting
+        corrections; P starts again from zero."""
+        if self._sw is None:
+            return
+        with torch.no_grad(), torch.inference_mode(False):
+            self._flush_stage()
+            self._sw.add_(self._p)  # promoted to float64 element by element, no copy
+            if self._corrections:
+                c = torch.cat(self._corrections)
+                self._sw.addmm_(c.T, c, alpha=-1.0)
+                self._corrections = []
+            if self._p64 is not None:
+                self._sw += self._p64
+                self._p64 = None
+            self._p.zero_()
 
     # ------------------------------------------------------------------ reads
     def check_rejected(self) -> None:
