@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .._ops import check_backend, class_accumulate
-from .._validate import choice, float_dtype, positive_int, tensor
+from .._ops import class_accumulate
+from .._validate import choice, float_dtype, positive_int
+from .batch import check_batch, refused_error
 from .merge import Mergeable
 from .slots import _FOLDED, _SLOTS, StatePersistence
 
 __all__ = ["ClassStats"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LABEL_DTYPES = (torch.int32, torch.int64)
 _STATE_DTYPES = (torch.float64, torch.float32)
 # Largest |e| for which a float32 product over a pending block stays finite:
 # block_rows * |e|^2 must stay below float32's max (3.4e38) with room to spare.
@@ -143,28 +140,6 @@ class ClassStats(StatePersistence, Mergeable):
             setattr(self, slot.attr, value.to(self._dtype(slot)))
 
     # ----------------------------------------------------------------- update
-    def _validate(self, features: Any, labels: Any) -> None:
-        tensor(features, "features")
-        tensor(labels, "labels")
-        if features.dim() > 2:
-            raise ValueError(
-                f"Expected `features` of shape (N, d), got {tuple(features.shape)}: pool or flatten "
-                "conv features first, e.g. features.mean(dim=(2, 3)) or features.flatten(1)"
-            )
-        if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"Expected `features` of shape (N, {self.dim}), got {tuple(features.shape)}")
-        if features.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"Expected `features` to be float16/bfloat16/float32/float64, got {features.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"Expected `labels` of shape ({features.shape[0]},) to match `features`, got {tuple(labels.shape)}"
-            )
-        if labels.dtype not in _LABEL_DTYPES:
-            raise TypeError(f"Expected `labels` to be int32 or int64, got {labels.dtype}")
-        if not (labels.is_cpu and features.is_cpu) and labels.device != features.device:
-            raise ValueError(f"Expected `labels` on {features.device} like `features`, got {labels.device}")
-        check_backend(features, "features")
-
     def _place(self, features: torch.Tensor) -> None:
         if features.is_cpu and self._n.is_cpu or features.device == self.device:
             return
@@ -178,7 +153,7 @@ class ClassStats(StatePersistence, Mergeable):
         allowed; detached), labels (N,) integer in [0, K). A batch that fails validation
         raises (strict) or is dropped whole (deferred) and leaves the statistics as they
         were. Costs O(N d) plus one (d, d) rank-N product; no O(K d) work."""
-        self._validate(features, labels)
+        check_batch(features, labels, self.dim)
         self._place(features)
         rows = features.shape[0]
         if rows == 0:
@@ -211,7 +186,7 @@ class ClassStats(StatePersistence, Mergeable):
         if strict:
             accepted, peak, bad_label, bad_row = status.tolist()
             if not accepted:
-                self._raise_refused(x, y, peak, int(bad_label), int(bad_row))
+                raise refused_error(y, self.num_classes, peak, int(bad_label), int(bad_row))
             wide = not fp64 and peak * block > _F32_LIMIT
         else:
             refused = 1 - status[0].long()
@@ -257,19 +232,6 @@ class ClassStats(StatePersistence, Mergeable):
             block = self._stage[: self._staged]
             self._p.addmm_(block.T, block)
             self._staged = 0
-
-    def _raise_refused(self, x: torch.Tensor, y: torch.Tensor, peak: float, bad_label: int, bad_row: int) -> None:
-        if bad_label >= 0:
-            lo, hi = (int(v) for v in torch.aminmax(y))
-            raise ValueError(
-                f"Expected `labels` in [0, {self.num_classes}), got values in [{lo}, {hi}] (first bad row {bad_label})"
-            )
-        if bad_row >= 0:
-            raise ValueError(f"Expected finite `features`, got NaN or Inf in row {bad_row}")
-        raise ValueError(
-            "Expected `features` whose within-class deviations fit in float64 sums of squares, got a squared "
-            f"deviation of {peak:.3g} in one row"
-        )
 
     def _fold(self, sync: bool = True, flush: bool = True) -> None:
         """Merge the pending block into the folded state (exact; see the module docstring).
