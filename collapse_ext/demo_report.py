@@ -195,7 +195,7 @@ def _nc2(result: Any, what: str, label: str) -> Any:
     ax.set_ylabel("std/mean of norms; std of cosines")
     ax.set_title(f"NC2 of the {label} (simplex ETF: 0)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     return fig
 
 

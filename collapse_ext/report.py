@@ -313,8 +313,8 @@ body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 11
 h1 {{ font-size: 1.4em; }} code {{ background: #f3f3f3; padding: 0 .2em; }}
 ul.obs li {{ margin: .2em 0; }}
 .figs {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; }} figure img {{ max-width: 540px; border: 1px solid #ddd; }}
-figure.wide img {{ max-width: 1090px; }}
+figure {{ margin: 0; max-width: 542px; }} figure img {{ max-width: 540px; border: 1px solid #ddd; }}
+figure.wide {{ max-width: 1092px; }} figure.wide img {{ max-width: 1090px; }}
 figcaption {{ font-size: .9em; color: #555; }}
 table {{ border-collapse: collapse; font-size: .9em; }}
 td, th {{ border-bottom: 1px solid #eee; padding: .15em .6em; text-align: left; }}
