@@ -59,7 +59,7 @@ def observations(result: Any) -> list[str]:
         nc1 = _change(run, "nc1")
         if nc1 is not None and nc1[3] > 0:
             e0, v0, e1, v1 = nc1
-            verb = "fell" if v1 < v0 else "rose"
+            verb = "fell" if v1 < v0 else "rose" if v1 > v0 else "stayed"
             out.append(
                 f"{name} ({size}): NC1 {verb} from {v0:.3g} at epoch {e0} to {v1:.3g} at epoch {e1} "
                 f"({v0 / v1:.3g}x; theory: -> 0); train accuracy {run.records[-1]['train_accuracy']:.1%}."
