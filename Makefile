@@ -39,9 +39,12 @@ test: build
 test-wheel: build
 	COLLAPSE_EXT_WHEEL_TEST=1 $(PY) -m pytest -q tests/test_packaging.py
 
+# The digits demo (balanced and imbalanced runs, the LPM prediction and sweep): a progress
+# bar per run, a one-screen summary, and the HTML report in $(DEMO_REPORT)/report.html.
+DEMO_REPORT ?= demo_report
+DEMO_ARGS ?=
 demo: build
-	$(PY) -m collapse_ext.cli demo
-	$(PY) -m collapse_ext.cli lpm-sweep --plot minority_collapse.png
+	$(PY) -m collapse_ext.cli demo --report $(DEMO_REPORT) $(DEMO_ARGS)
 
 # The benchmark suite: ceilings, then every case; results in benchmarks/results/<device>.json.
 BENCH_ARGS ?=

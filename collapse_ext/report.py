@@ -18,10 +18,11 @@ import math
 import os
 from typing import Any
 
-__all__ = ["observations", "plot_minority_collapse", "write_report"]
+__all__ = ["embed_figures", "html_page", "observations", "plot_minority_collapse", "pyplot", "write_report"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (a clear ImportError without matplotlib)."""
     try:
         import matplotlib
     except ImportError as err:
@@ -47,7 +48,7 @@ def plot_minority_collapse(sweep_result: Any, path=None):
         raise TypeError(
             f"Expected `sweep_result` to be a SweepResult from minority_collapse_sweep, got {type(sweep_result)!r}"
         )
-    plt = _pyplot()
+    plt = pyplot()
     r = sweep_result.ratio.numpy()
     order = r.argsort()
     r = r[order]
@@ -156,7 +157,7 @@ def _cosines(rows: Any) -> Any:
 
 
 def _save(fig: Any, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     try:
         fig.savefig(path, format="png", dpi=100)
     finally:
@@ -167,7 +168,7 @@ def _plots(result: Any) -> list[tuple[str, str, str]]:
     """(file name, figure callable, caption) of every plot that applies."""
     import torch
 
-    plt = _pyplot()
+    plt = pyplot()
     stats = result.stats[result.classifier_layer]
     present = stats.present.cpu()
     counts = stats.counts.cpu()
@@ -272,6 +273,65 @@ window.addEventListener("load", function () {
 """
 
 
+def embed_figures(figures: list[tuple[str, Any, str]], directory: str) -> list[tuple[str, str, str]]:
+    """Save every (file name, matplotlib Figure, caption) as a PNG in ``directory`` (the
+    figure is closed) and return (file name, caption, base64 PNG data) for :func:`html_page`."""
+    out = []
+    for name, fig, caption in figures:
+        path = os.path.join(directory, name)
+        _save(fig, path)
+        with open(path, "rb") as f:
+            out.append((name, caption, base64.b64encode(f.read()).decode("ascii")))
+    return out
+
+
+def html_page(
+    title: str,
+    heading: str,
+    notes: list[str],
+    figures: list[tuple[str, str, str]],
+    body: str = "",
+    wide: tuple[str, ...] = (),
+) -> str:
+    """A self-contained HTML page: ``heading`` (HTML), the ``notes`` as a list, the
+    ``figures`` from :func:`embed_figures` as data-URI images (those named in ``wide``
+    across the page, the others two to a row), then ``body`` (HTML). No
+    script or style is fetched; the inline check script writes every image's natural
+    width and every error into ``<pre id="page-check">`` on load (the browser test reads it)."""
+    esc = html.escape
+    images = "\n".join(
+        f'<figure{" class=wide" if name in wide else ""}><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+        for name, caption, data in figures
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }}
+h1 {{ font-size: 1.4em; }} code {{ background: #f3f3f3; padding: 0 .2em; }}
+ul.obs li {{ margin: .2em 0; }}
+.figs {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; max-width: 542px; }} figure img {{ max-width: 540px; border: 1px solid #ddd; }}
+figure.wide {{ max-width: 1092px; }} figure.wide img {{ max-width: 1090px; }}
+figcaption {{ font-size: .9em; color: #555; }}
+table {{ border-collapse: collapse; font-size: .9em; }}
+td, th {{ border-bottom: 1px solid #eee; padding: .15em .6em; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+#page-check {{ display: none; }}
+</style>
+<script>{_CHECK_SCRIPT}</script>
+</head><body>
+<h1>{heading}</h1>
+<ul class="obs">{"".join(f"<li>{esc(line)}</li>" for line in notes)}</ul>
+<div class="figs">{images}</div>
+{body}
+<pre id="page-check"></pre>
+</body></html>
+"""
+
+
 def write_report(result: Any, directory: str | os.PathLike) -> str:
     """Write ``report.html``, ``summary.json`` and the PNGs of an AnalyzeResult into
     ``directory`` (created if missing); returns the path of report.html."""
@@ -281,13 +341,7 @@ def write_report(result: Any, directory: str | os.PathLike) -> str:
     summary = dict(result.to_dict(), observations=notes)
     with open(os.path.join(directory, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    figures = []
-    for name, fig, caption in _plots(result):
-        path = os.path.join(directory, name)
-        _save(fig, path)
-        with open(path, "rb") as f:
-            figures.append((name, caption, base64.b64encode(f.read()).decode("ascii")))
-
+    figures = embed_figures(_plots(result), directory)
     esc = html.escape
     rows = []
     for layer, bundle in result.layers.items():
@@ -297,39 +351,17 @@ def write_report(result: Any, directory: str | os.PathLike) -> str:
                 f"<tr><td>{esc(layer)}</td><td>{esc(key)}</td><td class=num>{esc(_fmt(value))}</td>"
                 f"<td>{esc(note)}</td></tr>"
             )
-    images = "\n".join(
-        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}"><figcaption>{esc(caption)}'
-        "</figcaption></figure>"
-        for name, caption, data in figures
-    )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>collapse-ext analyze: {esc(result.source)}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }}
-h1 {{ font-size: 1.4em; }} code {{ background: #f3f3f3; padding: 0 .2em; }}
-ul.obs li {{ margin: .2em 0; }}
-.figs {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; }} figure img {{ max-width: 540px; border: 1px solid #ddd; }}
-figcaption {{ font-size: .9em; color: #555; }}
-table {{ border-collapse: collapse; font-size: .9em; }}
-td, th {{ border-bottom: 1px solid #eee; padding: .15em .6em; text-align: left; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-#page-check {{ display: none; }}
-</style>
-<script>{_CHECK_SCRIPT}</script>
-</head><body>
-<h1>Neural collapse of <code>{esc(result.source)}</code></h1>
-<ul class="obs">{"".join(f"<li>{esc(line)}</li>" for line in notes)}</ul>
-<div class="figs">{images}</div>
-<h2>Metrics</h2>
+    body = f"""<h2>Metrics</h2>
 <table><tr><th>layer</th><th>metric</th><th>value</th><th>note</th></tr>
 {"".join(rows)}</table>
-<p>Written by <code>collapse-ext analyze</code>; the numbers are also in <code>summary.json</code>.</p>
-<pre id="page-check"></pre>
-</body></html>
-"""
+<p>Written by <code>collapse-ext analyze</code>; the numbers are also in <code>summary.json</code>.</p>"""
+    page = html_page(
+        f"collapse-ext analyze: {result.source}",
+        f"Neural collapse of <code>{esc(result.source)}</code>",
+        notes,
+        figures,
+        body,
+    )
     path = os.path.join(directory, "report.html")
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

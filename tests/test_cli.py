@@ -14,15 +14,18 @@ from collapse_ext.loggers import read_jsonl
 def test_demo_runs_and_writes_history(tmp_path, capsys):
     path = tmp_path / "demo.jsonl"
     csv_path = tmp_path / "demo.csv"
-    assert main(["demo", "--variant", "imbalanced", "--epochs", "3", "--jsonl", str(path), "--csv", str(csv_path)]) == 0
+    argv = ["demo", "--variant", "imbalanced", "--epochs", "3", "--jsonl", str(path), "--csv", str(csv_path)]
+    assert main([*argv, "--print-every", "2"]) == 0
     out = capsys.readouterr().out
-    assert "== digits, imbalanced: 3 epochs" in out
-    assert "final bundle (imbalanced" in out and "law of data separation" in out
-    assert "minority collapse: mean cosine of minority classifier rows" in out
+    per_epoch = [line.split()[:4] for line in out.splitlines() if line.startswith("imbalanced epoch")]
+    assert per_epoch == [["imbalanced", "epoch", str(e), "eval"] for e in (1, 2, 3)]  # --print-every 2, and the last
+    assert "at epoch 1 to" in out  # "imbalanced (N samples, ...): NC1 fell from X at epoch 1 to Y at epoch 3"
+    assert "law of data separation" in out and "minority classifier cosine observed" in out
+    assert out.splitlines()[-1] == f"history written to {csv_path}"
     history = read_jsonl(path)
-    assert [(r.epoch, r.phase) for r in history] == [(1, "train"), (1, "eval"), (2, "train"), (3, "train"), (3, "eval")]
+    assert [(r.epoch, r.phase) for r in history] == [(e, p) for e in (1, 2, 3) for p in ("train", "eval")]
     assert history[-1]["penultimate"].minority_classes == [5, 6, 7, 8, 9]
-    assert csv_path.read_text().count("\n") == 6
+    assert csv_path.read_text().count("\n") == 7
     assert sorted(os.listdir(tmp_path)) == ["demo.csv", "demo.jsonl"]  # no temporary files left
 
 
@@ -99,6 +102,11 @@ BAD_INPUTS = [
     *[(["demo", "--jsonl", v], "--jsonl: ") for v in ["missing/h.jsonl", "adir", "afifo", "", "afile/h.jsonl", "out/"]],
     *[(["demo", "--csv", v], "--csv: ") for v in ["missing/h.csv", "adir", "afifo", ""]],
     (["demo", "--jsonl", "h.out", "--csv", "./h.out"], "--csv: "),
+    *[(["demo", "--eval-every", v], "--eval-every: ") for v in ["0", "-1", "x", "1.5"]],
+    *[(["demo", "--report", v], "--report: ") for v in ["afile", "missing/report", "afile/report", ""]],
+    (["demo", "--report", "adir", "--jsonl", "adir/metrics.jsonl"], "--jsonl: "),
+    (["demo", "--report", ".", "--csv", "summary.json"], "--csv: "),
+    (["demo", "--quiet=1"], "--quiet: "),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
     # lpm-sweep
     *[(["lpm-sweep", "--K", v], "--K: ") for v in ["1", "2", "0", "-1", "x", "2.5", ""]],

@@ -4,7 +4,7 @@
   lazy inside functions, or under TYPE_CHECKING alike) go only to its own layer or the
   ones before it: ``_ops`` (with ``_validate``, ``_version``, ``_build``), ``stats``,
   ``metrics``, ``lpm``/``theory``, ``monitor`` (with ``loggers`` and ``data``, which build
-  on it), ``integrations``, ``io``/``analyze``/``report``, ``cli`` (with any
+  on it), ``integrations``, ``io``/``analyze``/``report``/``demo``/``demo_report``, ``cli`` (with any
   ``*_cli`` module). The package's ``__init__`` is the facade over all of them: no
   module imports from it.
 - ``integrations`` is a leaf: third-party adapters that only the command line may use.
@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lpm", "theory", "reference"),
     ("monitor", "loggers", "data"),
     ("integrations",),
-    ("io", "analyze", "report"),
+    ("io", "analyze", "report", "demo", "demo_report"),
     ("cli",),
 )
 FACADE = len(LAYERS)  # collapse_ext/__init__.py

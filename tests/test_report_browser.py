@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,24 +62,46 @@ def test_report_loads_every_image_and_logs_no_error(tmp_path):
         str(tmp_path / "w.npy"),
     ]
     assert main([*argv, "--report", str(report), "--quiet"]) == 0
-    page = (report / "report.html").resolve().as_uri()
+    shot = _check_in_browser(report / "report.html", 5, tmp_path)
+    target = os.environ.get("COLLAPSE_EXT_SCREENSHOT")
+    if target:  # `COLLAPSE_EXT_SCREENSHOT=docs/report.png pytest tests/test_report_browser.py` refreshes the docs
+        shutil.copyfile(shot, target)
 
+
+def test_demo_report_loads_every_image_and_logs_no_error(tmp_path):
+    """The report of `collapse-ext demo --report` (a few epochs). docs/demo_report.png is the
+    same check's screenshot of the full `make demo` report (100 epochs): set
+    COLLAPSE_EXT_DEMO_REPORT=demo_report to check that directory instead, and
+    COLLAPSE_EXT_DEMO_SCREENSHOT=docs/demo_report.png to keep the screenshot."""
+    assert _chromium()
+    report = os.environ.get("COLLAPSE_EXT_DEMO_REPORT")
+    if not report:
+        report = tmp_path / "demo"
+        assert main(["demo", "--epochs", "3", "--report", str(report), "--quiet"]) == 0
+    shot = _check_in_browser(Path(report) / "report.html", 8, tmp_path)
+    target = os.environ.get("COLLAPSE_EXT_DEMO_SCREENSHOT")
+    if target:
+        shutil.copyfile(shot, target)
+
+
+def _check_in_browser(path, images, tmp_path):
+    """Load ``path`` in headless Chromium: ``images`` images, each loaded with a natural size,
+    no error on the page or the console; returns the path of a screenshot."""
+    page = path.resolve().as_uri()
     dom = _browser("--virtual-time-budget=5000", "--dump-dom", page, profile=tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
     found = re.search(r'<pre id="page-check">([^<]*)</pre>', dom.stdout)
     assert found and found.group(1), "the page's check script did not run"
     check = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(check["images"]) == 5
+    assert len(check["images"]) == images
     assert all(img["ok"] and img["width"] > 0 for img in check["images"]), check
     assert check["errors"] == []
     assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line], dom.stderr
 
-    shot = tmp_path / "report.png"
+    shot = tmp_path / f"{path.parent.name}.png"
     run = _browser("--hide-scrollbars", "--window-size=1200,1500", f"--screenshot={shot}", page,
                    profile=tmp_path / "profile")  # fmt: skip
     assert run.returncode == 0 and shot.stat().st_size > 20_000
     with shot.open("rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    target = os.environ.get("COLLAPSE_EXT_SCREENSHOT")
-    if target:  # `COLLAPSE_EXT_SCREENSHOT=docs/report.png pytest tests/test_report_browser.py` refreshes the docs
-        shutil.copyfile(shot, target)
+    return shot

@@ -109,6 +109,7 @@ class _Outputs:
 
     def __init__(self) -> None:
         self.pending: dict[str, str] = {}
+        self.dirs: dict[str, str] = {}
 
     def tmp(self, path: str) -> str:
         real = os.path.realpath(path)
@@ -116,18 +117,34 @@ class _Outputs:
         self.pending[real] = tmp
         return tmp
 
+    def tmp_dir(self, path: str) -> str:
+        """A staging directory beside the directory ``path``: ``commit()`` moves its files
+        into ``path`` (created if missing), ``discard()`` removes it."""
+        real = os.path.realpath(path)
+        self.dirs[real] = _staging_dir(real)
+        return self.dirs[real]
+
     def commit(self) -> None:
         for real, tmp in self.pending.items():
             if os.path.exists(tmp):
                 os.replace(tmp, real)
         self.pending.clear()
+        for real, tmp in self.dirs.items():
+            os.makedirs(real, exist_ok=True)
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(real, name))
 
     def discard(self) -> None:
+        import shutil
+
         for tmp in self.pending.values():
             for leftover in (tmp, tmp + ".tmp"):  # CSVLogger writes <path>.tmp first
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         self.pending.clear()
+        for tmp in self.dirs.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dirs.clear()
 
 
 class _OptionError(Exception):
