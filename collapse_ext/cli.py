@@ -787,6 +787,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_analyze(subparsers)
     _add_predict(subparsers)
     _add_lm_demo(subparsers)
+    importlib.import_module("collapse_ext.bench_cli").add_parser(subparsers)
     return parser, subparsers
 
 
