@@ -72,8 +72,10 @@ def machine_line(payload: dict) -> str:
     env = payload.get("environment", {})
     where = env.get("gpu") or f"{env.get('cpu')}, {env.get('cpu_count')} CPUs, {env.get('torch_threads')} threads"
     load = env.get("load_average")
+    commit = str(env.get("commit"))
+    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
     return (
-        f"Machine: {where}; torch {env.get('torch')}; commit {str(env.get('commit'))[:12]}"
+        f"Machine: {where}; torch {env.get('torch')}; commit {commit}"
         + (f"; load average {load:.1f} at the start" if load is not None else "")
         + ("; quick run" if payload.get("quick") else "")
     )
