@@ -74,6 +74,11 @@ def run(args: argparse.Namespace, error: Callable[[str], object]) -> int:
         error(f"--filter: no case matches {args.filter!r} (cases: {', '.join(c.name for c in CASES)})")
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device: cuda requested, but torch sees no GPU")
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            error("--plots: needs matplotlib: pip install matplotlib")
     out = args.json or os.path.join(HERE, "results", f"{args.device}{'-quick' if args.quick else ''}.json")
     payload = {"environment": environment(torch.device(args.device)), "quick": args.quick, "cases": []}
     if not args.no_ceilings:
