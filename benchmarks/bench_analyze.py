@@ -197,9 +197,10 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
 
 def breakdown(path: str, labels: str, k: int, chunk: int, device: torch.device) -> list[dict]:
     """Where analyze's pass spends its time on a .npy: reading alone (analyze's reader and
-    prefetch thread, nothing reduced), the statistics op alone (``ClassStats.update`` on
-    one chunk held in memory, as many times as there are chunks), the bare GEMM alone
-    (the same), and the memory map's plain read (``np.array`` of each chunk)."""
+    prefetch thread, nothing reduced), the memory map's plain read (``np.array`` of each
+    chunk), and on one chunk held in memory, as many times as there are chunks: the
+    statistics op (``ClassStats.update``), the bare GEMM, analyze's per-chunk finite check
+    and a cheaper row-sum screen."""
     from collapse_ext import ClassStats, io
 
     x = np.load(path, mmap_mode="r")
@@ -232,11 +233,21 @@ def breakdown(path: str, labels: str, k: int, chunk: int, device: torch.device) 
         for _ in range(reps):
             acc.addmm_(first.T, first)
 
+    def finite_rows():
+        for _ in range(reps):
+            torch.isfinite(first).all(1)
+
+    def finite_screen():
+        for _ in range(reps):
+            torch.isfinite(first.sum(1)).all()
+
     parts = {
         "read through collapse_ext.io.iter_chunks (prefetch thread, no reduction)": read_io,
         "read: np.array of each chunk of the map": read_map,
         f"ClassStats.update on one in-memory chunk, {reps} times": stats_op,
         f"bare fp32 X_c^T X_c on one in-memory chunk, {reps} times": gemm,
+        f"analyze's finite check torch.isfinite(X_c).all(1), {reps} times": finite_rows,
+        f"a row-sum screen torch.isfinite(X_c.sum(1)), {reps} times": finite_screen,
     }
     rows = []
     for name, fn in parts.items():

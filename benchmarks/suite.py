@@ -42,7 +42,8 @@ CASES = [
     Case(
         "analyze",
         "bench_analyze",
-        full=("--rows", "125000", "250000", "500000", "1000000", "--formats", "npy", "safetensors", "h5"),
+        full=("--rows", "125000", "250000", "500000", "1000000", "--formats", "npy", "safetensors", "h5")
+        + ("--breakdown",),
         quick=(
             "--rows",
             "25000",
