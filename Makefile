@@ -11,7 +11,7 @@ export CUDA_HOME
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
-.PHONY: all build test test-wheel demo bench bench-pytest lint format clean
+.PHONY: all build test test-wheel demo bench bench-readme bench-pytest lint format clean
 
 all: build
 
@@ -46,10 +46,18 @@ DEMO_ARGS ?=
 demo: build
 	$(PY) -m collapse_ext.cli demo --report $(DEMO_REPORT) $(DEMO_ARGS)
 
-# The benchmark suite: ceilings, then every case; results in benchmarks/results/<device>.json.
+# The benchmark suite: ceilings, then every case; results in benchmarks/results/<device>.json
+# (<device>-quick.json with BENCH_ARGS=--quick).
 BENCH_ARGS ?=
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The README's benchmark section from the last full CPU run (make bench): the scaling plots
+# into docs/bench/, then the table between the README's benchmarks markers.
+BENCH_RESULTS ?= benchmarks/results/cpu.json
+bench-readme: build
+	$(PY) -m benchmarks.plots $(BENCH_RESULTS) --out docs/bench
+	$(PY) -m benchmarks.table $(BENCH_RESULTS) --readme --plots-dir docs/bench --write README.md
 
 # The ops as pytest-benchmark tests (not part of `make test`).
 bench-pytest: build

@@ -1,6 +1,6 @@
 """Class statistics (means + Sigma_W) through ClassStats vs plain PyTorch, in one run.
 
-Three cases, each with its floor measured in the same run:
+Four cases, each with its floor measured in the same run:
 1. whole data sets in one update: (a) the float64 plain-PyTorch two-pass reference (what
    a user would write), (b) a bare fp32 `X.T @ X` of the same data, the floor (the scatter
    is one GEMM of 2 N d^2 flops), and ours (`ClassStats.update`);
@@ -10,10 +10,15 @@ Three cases, each with its floor measured in the same run:
    all the data twice);
 3. vocabulary-sized K (GPT-2's 50257 classes, d = 768, Zipfian labels): 8 updates of 1024
    rows of class means (within_cov=False) vs one bare fp32 `index_add_` of all 8192 rows.
+4. size sweeps of case 1 (``--no-sweeps`` skips them): N, d and K varied one at a time,
+   the other two fixed, for the log-log plots of ``python -m benchmarks.plots``.
 Cases 2 and 3 alternate ours and the baselines over rounds (ABAB) and keep each one's
 best round, so a noisy neighbour on a shared machine does not decide the ratio.
 
-    python benchmarks/bench_class_stats.py [--device cuda] [--quick] [--json out.json]
+    python benchmarks/bench_class_stats.py [--device cuda] [--quick] [--no-sweeps] [--json out.json]
+
+``--json`` writes the printed tables and ``results``: one row per measurement in the
+suite's format (``common.result_row``: ours, plain PyTorch, floor, rate, peak memory).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine, markdown, timeit, write_json
+from common import machine, markdown, measure_with_peak, result_row, timeit, write_json
 
 from collapse_ext import ClassStats, class_stats
 from collapse_ext.reference import class_stats_reference, within_scatter_reference
@@ -47,16 +52,18 @@ def copy_bandwidth(x: torch.Tensor, device: torch.device) -> float:
     return 2 * x.numel() * x.element_size() / t / 1e9
 
 
-def bench_shape(n, d, k, repeats, device):
+def bench_shape(n, d, k, repeats, device, sweep=None):
+    """The table row (strings) and the result row (numbers) of one shape."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(n, d, generator=g) + 3.0).to(device)
     y = torch.randint(0, k, (n,), generator=g).to(device)
     flops = 2.0 * n * d * d
     stats_bytes = 2 * x.numel() * x.element_size()  # class_stats reads the batch twice
     t_gemm = timeit(lambda: x.T @ x, device, repeats)
-    t_ours = timeit(lambda: ours(x, y, k), device, repeats)
+    t_ours, peak_ours = measure_with_peak(lambda: ours(x, y, k), device, repeats)
     t_stats = timeit(lambda: class_stats(x, y, k), device, repeats)
-    t_ref = timeit(lambda: reference(x, y, k), device, max(1, repeats // 2))
+    t_ref, peak_ref = measure_with_peak(lambda: reference(x, y, k), device, max(1, repeats // 2))
+    t_ours, t_ref = t_ours.median, t_ref.median
     row = {
         "shape": f"N={n} d={d} K={k}",
         "reference ms": f"{1e3 * t_ref:.1f}",
@@ -70,7 +77,21 @@ def bench_shape(n, d, k, repeats, device):
     }
     if device.type == "cuda":
         row["class_stats % of copy BW"] = f"{100 * stats_bytes / t_stats / 1e9 / copy_bandwidth(x, device):.0f}%"
-    return row
+    result = result_row(
+        "ClassStats.update (means + Sigma_W)",
+        {"N": n, "d": d, "K": k},
+        t_ours,
+        t_ref,
+        plain="float64 two-pass reference (index_add_ means, centred X^T X)",
+        work=flops,
+        unit="GFLOP/s fp32",
+        ours_peak_mib=peak_ours,
+        plain_peak_mib=peak_ref,
+        floor_s=t_gemm,
+        floor="bare fp32 X.T @ X",
+        sweep=sweep,
+    )
+    return row, result
 
 
 def best_of_rounds(fns: dict, device, rounds: int) -> dict:
@@ -114,7 +135,18 @@ def small_batches(device, n=20_000, d=512, k=10, batch=128, rounds=7):
     for fn in (floor, two_pass, ours):
         fn()
     t = best_of_rounds({"floor": floor, "two_pass": two_pass, "ours": ours}, device, rounds)
-    return {
+    result = result_row(
+        f"ClassStats.update, batches of {batch}",
+        {"N": n, "d": d, "K": k},
+        t["ours"] / 1e3,
+        t["two_pass"] / 1e3,
+        plain="two-pass loop: index_add_ class sums, then centred fp32 addmm_",
+        work=2.0 * n * d * d,
+        unit="GFLOP/s fp32",
+        floor_s=t["floor"] / 1e3,
+        floor="one fp32 addmm_ per batch",
+    )
+    return result, {
         "case": f"B={batch} loop, N={n} d={d} K={k}",
         "addmm_ floor ms": f"{t['floor']:.1f}",
         "plain two-pass ms": f"{t['two_pass']:.1f}",
@@ -147,7 +179,16 @@ def vocabulary(device, k=50257, d=768, batch=1024, updates=8, rounds=5, state_dt
     read()
     t = best_of_rounds({"floor": floor, "ours": ours, "read": read}, device, rounds)
     state_mib = 2 * k * d * stats.means.element_size() / 2**20
-    return {
+    result = result_row(
+        f"ClassStats.update class means, {str(state_dtype)[6:]} state",
+        {"N": batch * updates, "d": d, "K": k},
+        t["ours"] / 1e3,
+        t["floor"] / 1e3,
+        plain="in-place fp32 index_add_ of the rows (class sums only, no counts)",
+        work=batch * updates * d * 4.0,
+        unit="GB/s",
+    )
+    return result, {
         "case": f"K={k} d={d}, {updates} updates of {batch} rows, {str(state_dtype)[6:]} state",
         "bare index_add_ ms": f"{t['floor']:.1f}",
         "ours ms": f"{t['ours']:.1f}",
@@ -173,11 +214,37 @@ def float32_state_error(device, k=50257, d=768, rows=65536, batch=1024) -> float
 
 
 def run(shapes, device):
-    rows = []
+    rows, results = [], []
     for n, d, k, repeats in shapes:
-        rows.append(bench_shape(n, d, k, repeats, device))
+        row, result = bench_shape(n, d, k, repeats, device)
+        rows.append(row)
+        results.append(result)
         print(rows[-1], flush=True)
-    return rows
+    return rows, results
+
+
+def run_sweeps(sweeps, device, repeats):
+    """Scaling rows: one size varied at a time, the others fixed (plots: benchmarks.plots)."""
+    rows, results = [], []
+    for var, shapes in sweeps.items():
+        for n, d, k in shapes:
+            row, result = bench_shape(n, d, k, repeats, device, sweep=var)
+            rows.append(row)
+            results.append(result)
+            print(f"sweep over {var}: {row}", flush=True)
+    return rows, results
+
+
+def _sweep_shapes(n, d, k, ns, ds, ks):
+    return {"N": [(v, d, k) for v in ns], "d": [(n, v, k) for v in ds], "K": [(n, d, v) for v in ks]}
+
+
+# Size sweeps (N, d, K one at a time; the other two fixed): small enough for --quick on 2 cores.
+CPU_SWEEPS = _sweep_shapes(20_000, 512, 10, [5000, 20_000, 80_000, 200_000], [128, 256, 512, 1024], [10, 100, 1000])
+CPU_SWEEPS_QUICK = _sweep_shapes(10_000, 256, 10, [2500, 10_000, 40_000], [64, 128, 256, 512], [10, 100, 1000])
+CUDA_SWEEPS = _sweep_shapes(
+    200_000, 512, 10, [50_000, 200_000, 800_000, 2_000_000], [128, 256, 512, 1024, 2048], [10, 100, 1000, 10_000]
+)
 
 
 def main(argv=None):
@@ -185,16 +252,26 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="only the small shape")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the size sweeps over N, d and K")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[:1]
-    rows = run(shapes, device)
-    streaming = [small_batches(device)]
+    rows, results = run(shapes, device)
+    sweep_rows = []
+    if not args.no_sweeps:
+        sweeps = CUDA_SWEEPS if device.type == "cuda" else CPU_SWEEPS_QUICK if args.quick else CPU_SWEEPS
+        sweep_rows, sweep_results = run_sweeps(sweeps, device, repeats=3 if args.quick else 5)
+        results += sweep_results
+    result, row = small_batches(device)
+    streaming = [row]
+    results.append(result)
     print(streaming[-1], flush=True)
     for state_dtype in (torch.float64, torch.float32):
-        streaming.append(vocabulary(device, state_dtype=state_dtype))
+        result, row = vocabulary(device, state_dtype=state_dtype)
+        streaming.append(row)
+        results.append(result)
         print(streaming[-1], flush=True)
     streaming[-1]["fp32-state error of the means"] = f"{float32_state_error(device):.1e}"
     columns = [
@@ -213,10 +290,17 @@ def main(argv=None):
     print(f"\nMachine: {machine(device)}\n")
     print(markdown(rows, columns))
     print()
+    if sweep_rows:
+        print("Size sweeps (one of N, d, K varied at a time):\n")
+        print(markdown(sweep_rows, columns))
+        print()
     print(markdown(streaming[:1], list(streaming[0])))
     print()
     print(markdown(streaming[1:], list(streaming[1])))
-    write_json(args.json, {"machine": machine(device), "rows": rows, "streaming": streaming})
+    write_json(
+        args.json,
+        {"machine": machine(device), "rows": rows, "sweeps": sweep_rows, "streaming": streaming, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import platform
 import time
 
 import torch
-from common import sync
+from common import peak_memory_mib, result_row, sync, write_json
 
 from collapse_ext import lpm
 
@@ -37,12 +37,17 @@ def _counts(ratios: torch.Tensor) -> torch.Tensor:
 def run(name, ratios, backend, args, device):
     kwargs = dict(dim=P, tol=args.tol, max_iter=args.max_iter, chunk=args.chunk, device=device, dtype=args.dtype)
     lpm.solve(_counts(ratios[:8]), E_W, E_H, backend=backend, **{**kwargs, "max_iter": args.chunk})  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    res = lpm.solve(_counts(ratios), E_W, E_H, backend=backend, **kwargs)
-    sync(device)
-    seconds = time.perf_counter() - start
-    return res, seconds
+    out = {}
+
+    def solve():
+        sync(device)
+        start = time.perf_counter()
+        out["res"] = lpm.solve(_counts(ratios), E_W, E_H, backend=backend, **kwargs)
+        sync(device)
+        out["seconds"] = time.perf_counter() - start
+
+    peak = peak_memory_mib(solve, device)
+    return out["res"], out["seconds"], peak
 
 
 def main() -> None:
@@ -60,6 +65,7 @@ def main() -> None:
         help="torch CPU threads for both backends (default 1: on a shared machine, idle-spinning "
         "worker threads make the many small ops of the plain loop erratic)",
     )
+    parser.add_argument("--json", default=None, help="write the rows (common.result_row) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
@@ -81,9 +87,25 @@ def main() -> None:
         "| converged | max abs objective diff | speed-up |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    results = []
     for name, ratios in workloads:
-        fused, t_fused = run(name, ratios, "fused", args, device)
-        ref, t_ref = run(name, ratios, "reference", args, device)
+        fused, t_fused, peak_fused = run(name, ratios, "fused", args, device)
+        ref, t_ref, peak_ref = run(name, ratios, "reference", args, device)
+        results.append(
+            result_row(
+                "lpm.solve (Minority Collapse sweep)",
+                {"instances": ratios.numel(), "K": K, "p": P},
+                t_fused,
+                t_ref,
+                plain='lpm.solve(backend="reference"): the same iteration as a batched plain PyTorch loop',
+                # three K x K x p products per instance-iteration (logits and both gradients)
+                work=6.0 * K * K * P * float(fused.iterations.double().sum()),
+                unit="GFLOP/s " + ("fp64" if args.dtype == torch.float64 else "fp32"),
+                ours_peak_mib=peak_fused,
+                plain_peak_mib=peak_ref,
+                sweep="instances",
+            )
+        )
         diff = (fused.objective - ref.objective).abs().max().item()
         for label, res, t in (("fused lpm_step", fused, t_fused), ("plain PyTorch", ref, t_ref)):
             its = res.iterations.double()
@@ -93,6 +115,7 @@ def main() -> None:
                 f"| {int(its.max())} / {its.mean():.0f} | {int(res.converged.sum())}/{ratios.numel()} "
                 f"| {diff:.1e} | {speed} |"
             )
+    write_json(args.json, {"machine": machine, "results": results})
 
 
 if __name__ == "__main__":

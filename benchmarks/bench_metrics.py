@@ -1,12 +1,13 @@
 """Fused metric ops against the plain PyTorch way, in one run: time and peak memory.
 
-pairwise_stats at K = 1000, 10 000, 50 000 rows (d = 768) against the full Gram matrix
-and the same statistics taken from K x K tensors; nearest_centre at N = 100 000, K = 1000,
-d = 512 against cdist + argmin and the full logit matrix + argmax. Every case runs in its
-own subprocess. Its peak resident memory is reset once the inputs exist
-(/proc/self/clear_refs, else getrusage maxrss) and reported above that resident size; the
-time is the best of `--repeats` runs after one warm-up (4x as many for K = 1000, half as
-many for nearest_centre, one run for K >= 10 000); the cheap cases run plain and ours
+pairwise_stats at K = 1000, 2000, 5000, 10 000, 50 000 rows (``--ks``, d = 768: a sweep
+over K for the plots) against the full Gram matrix and the same statistics taken from
+K x K tensors; nearest_centre at N = 100 000 (``--nearest-n``), K = 1000, d = 512 against
+cdist + argmin and the full logit matrix + argmax. Every case runs in its own subprocess.
+Its peak resident memory is reset once the inputs exist (/proc/self/clear_refs, else
+getrusage maxrss) and reported above that resident size; the time is the best of
+`--repeats` runs after one warm-up (4x as many for K <= 1000, half as many for
+nearest_centre, one run for K >= 10 000); the cheap cases run plain and ours
 alternately in two rounds. The plain pairwise way at K = 50 000
 would need 10 GB per K x K fp32 matrix and several of them: it is not run.
 
@@ -26,10 +27,11 @@ import sys
 import time
 
 import torch
-from common import sync
+from common import result_row, sync, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
-PAIRWISE = [(1000, 768), (10_000, 768), (50_000, 768)]
+PAIRWISE_KS = [1000, 2000, 5000, 10_000, 50_000]  # d = 768: a sweep over K
+PAIRWISE_D = 768
 PLAIN_PAIRWISE_MAX_K = 10_000  # beyond this the K x K temporaries exceed this machine's 24 GiB
 NEAREST = [(100_000, 1000, 512)]
 
@@ -189,6 +191,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-k", type=int, default=50_000, help="largest pairwise K to run")
+    parser.add_argument("--ks", type=int, nargs="+", default=PAIRWISE_KS, help="pairwise K values (d = 768)")
+    parser.add_argument("--nearest-n", type=int, default=NEAREST[0][0], help="rows N of the nearest_centre case")
+    parser.add_argument("--json", default=None, help="write the rows (common.result_row) here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -208,14 +213,15 @@ def main() -> None:
     )
     print(header)
     print("|" + "---|" * 9)
-    cases = [("pairwise", dict(k=k, d=d)) for k, d in PAIRWISE if k <= args.max_k]
-    cases += [("nearest", dict(n=n, k=k, d=d)) for n, k, d in NEAREST]
+    cases = [("pairwise", dict(k=k, d=PAIRWISE_D)) for k in sorted(args.ks) if k <= args.max_k]
+    cases += [("nearest", dict(n=args.nearest_n, k=k, d=d)) for _, k, d in NEAREST]
+    results = []
     for op, shape in cases:
         big = op == "pairwise" and shape["k"] > PLAIN_PAIRWISE_MAX_K
         # Best of several runs: other jobs on a shared machine make single timings noisy.
         if op == "pairwise":
             # K = 1000 takes ~20 ms: only many repeats see past other jobs' time slices.
-            repeats = 1 if shape["k"] >= 10_000 else 4 * args.repeats
+            repeats = 1 if shape["k"] >= 10_000 else 4 * args.repeats if shape["k"] <= 1000 else args.repeats
         else:
             repeats = max(1, args.repeats // 2)
         # Cheap cases alternate plain and ours over two rounds and keep each one's best: the
@@ -242,6 +248,28 @@ def main() -> None:
             "-" if mm is None else f"{mm['gflops']:.1f}",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
+        results.append(
+            result_row(
+                "pairwise_stats" if op == "pairwise" else "nearest_centre",
+                {key.upper() if key != "d" else key: value for key, value in shape.items()},
+                ours["time"],
+                None if big else plain["time"],
+                plain="full K x K Gram, the statistics from K x K tensors"
+                if op == "pairwise"
+                else "cdist + argmin and the full logit matrix + argmax",
+                work=ours_gflops * 1e9 * ours["time"],
+                unit="GFLOP/s fp32",
+                ours_peak_mib=ours["peak_mb"],
+                plain_peak_mib=None if big else plain["peak_mb"],
+                floor_s=None if mm is None else mm["time"],
+                floor="the bare matrix product (rows @ rows.T)" if op == "pairwise" else "x @ [means; W].T",
+                sweep="K" if op == "pairwise" else None,
+                note=f"plain not run: K x K fp32 temporaries above this machine's memory (K > {PLAIN_PAIRWISE_MAX_K})"
+                if big
+                else None,
+            )
+        )
+    write_json(args.json, {"machine": machine(args.device), "results": results})
 
 
 if __name__ == "__main__":

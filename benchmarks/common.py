@@ -179,3 +179,121 @@ def write_json(path: str | None, payload: dict) -> None:
             os.makedirs(parent, exist_ok=True)
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
+
+
+# ----------------------------------------------------------------- result rows
+# Every case hands back rows of one shape (``result_row``), so the driver, the table and the
+# plots read all of them alike. Units of the achieved rate and the ceiling each is set against.
+CEILINGS = {
+    "GFLOP/s fp32": "matmul_fp32_gflops",
+    "GFLOP/s fp64": "matmul_fp64_gflops",
+    "GB/s": "read_gbs",
+}
+
+
+def result_row(
+    op: str,
+    sizes: dict,
+    ours_s: float,
+    plain_s: float | None,
+    *,
+    plain: str,
+    work: float | None = None,
+    unit: str | None = None,
+    ours_peak_mib: float | None = None,
+    plain_peak_mib: float | None = None,
+    floor_s: float | None = None,
+    floor: str | None = None,
+    sweep: str | None = None,
+    note: str | None = None,
+) -> dict:
+    """One measured row: ``ours_s`` against ``plain_s`` (the same result the plain PyTorch way,
+    timed in the same run; None where it was not run), the achieved rate ``work / ours_s``
+    (``work`` flops or bytes; ``unit`` one of ``CEILINGS``), peak memories in MiB above the
+    inputs (None where not measurable), an optional floor (``floor_s``: e.g. the bare GEMM),
+    and ``sweep``: the key of ``sizes`` this row's series varies (for the scaling plots)."""
+    row = {
+        "op": op,
+        "shape": " ".join(f"{k}={v}" for k, v in sizes.items()),
+        "sizes": dict(sizes),
+        "ours_s": ours_s,
+        "plain_s": plain_s,
+        "plain": plain,
+        "work": work,
+        "unit": unit,
+        "rate": None if work is None or not ours_s else work / ours_s / 1e9,
+        "ours_peak_mib": ours_peak_mib,
+        "plain_peak_mib": plain_peak_mib,
+    }
+    if floor_s is not None:
+        row.update(floor_s=floor_s, floor=floor)
+    if sweep is not None:
+        row["sweep"] = sweep
+    if note:
+        row["note"] = note
+    return annotate(row)
+
+
+def annotate(row: dict, ceilings: dict | None = None) -> dict:
+    """Add the fields derived from the measured ones (in place; returns ``row``):
+    ``speedup`` = plain_s / ours_s, ``slower`` = ours took longer than the plain way (the
+    ratio below 1: flagged, never dropped), ``vs_floor`` = ours_s / floor_s, and with the
+    machine's measured ``ceilings`` the achieved rate's ``pct_of_ceiling``."""
+    ours, plain = row.get("ours_s"), row.get("plain_s")
+    if ours and plain:
+        row["speedup"] = plain / ours
+        row["slower"] = plain / ours < 1.0
+    else:
+        row["speedup"], row["slower"] = None, False
+    if ours and row.get("floor_s"):
+        row["vs_floor"] = ours / row["floor_s"]
+    key = CEILINGS.get(row.get("unit") or "")
+    if ceilings and key and ceilings.get(key) and row.get("rate") is not None:
+        row["pct_of_ceiling"] = 100 * row["rate"] / ceilings[key]
+    return row
+
+
+def rss_bytes() -> int:
+    """Resident size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory of one call of ``fn`` above what was resident before it, in MiB: on CUDA
+    the caching allocator's peak; on the CPU the kernel's peak resident size (VmHWM, reset
+    through /proc/self/clear_refs, Linux >= 4.0). None where that cannot be measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        base = rss_bytes()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return max(peak - base, 0) / 2**20
+
+
+def measure_with_peak(
+    fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> tuple[Timing, float | None]:
+    """``measure`` and the peak memory of the timed calls (as ``peak_memory_mib``: above
+    what was resident after the warm-up), without an extra call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    timing: list[Timing] = []
+    peak = peak_memory_mib(lambda: timing.append(measure(fn, device, repeats, warmup=0)), device)
+    return timing[0], peak

@@ -161,4 +161,4 @@ def test_layer_checker_catches_violations(tmp_path):
         (5, f"{PACKAGE}.metrics._inputs"),
     ]
     assert layer_of(f"{PACKAGE}.monitor") > layer_of(f"{PACKAGE}.metrics.nc1")
-    assert layer_of(f"{PACKAGE}.bench_cli") == layer_of(f"{PACKAGE}.cli")
+    assert layer_of(f"{PACKAGE}.theory_cli") == layer_of(f"{PACKAGE}.cli")

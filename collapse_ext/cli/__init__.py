@@ -1,11 +1,12 @@
 """Command line: ``python -m collapse_ext.cli <command>`` or ``collapse-ext <command>``.
 
 Commands, one module each:
-    demo       train the digits MLP with a CollapseMonitor and print neural collapse as it happens
+    demo       train the digits MLP with a CollapseMonitor; the LPM beside it; a report with --report
     lpm-sweep  solve the Layer-Peeled Model over imbalance ratios: Minority Collapse, its threshold, a plot
     analyze    neural-collapse metrics of saved features (npy, npz, pt, safetensors, h5; shards), JSON, report
     predict    the geometry a theory predicts for a class-size profile (ETF, LPM, SELI, UFM-MSE)
     lm-demo    train a small GPT-2 on Python's bundled docs with an LMCollapseMonitor: token-level collapse
+    bench      the benchmark suite of a source checkout (python -m benchmarks)
 
 Each command module exposes ``add_parser(subparsers)``, which registers its parser and
 sets ``func``; :func:`build_parser` calls them in the order of ``COMMANDS`` and
@@ -27,13 +28,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import analyze, demo, lm_demo, lpm_sweep, predict
+from . import analyze, bench, demo, lm_demo, lpm_sweep, predict
 from .common import _option_of, _OptionError, _Parser
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # The command modules, in the order of the help text.
-COMMANDS = (demo, lpm_sweep, analyze, predict, lm_demo)
+COMMANDS = (demo, lpm_sweep, analyze, predict, lm_demo, bench)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
