@@ -97,6 +97,17 @@ def test_several_layers_give_per_layer_metrics_and_the_law(files):
     assert saved["separation_law"]["rho"] == pytest.approx(d_feat / d_hidden, rel=1e-9)
 
 
+def test_finite_rows_whose_sum_overflows_are_kept(tmp_path, data):
+    # The chunk's one-sum screen overflows to Inf on these finite rows: the row-wise test
+    # must then find nothing to drop or refuse.
+    x, y, _, _ = data
+    big = x + 1e36  # finite, and no row deviates from its class mean by much
+    np.save(tmp_path / "x.npy", big.numpy())
+    assert not torch.isfinite(big[:256].sum())
+    result = analyze(tmp_path / "x.npy", labels=y, chunk_rows=256, skip_nonfinite=True)
+    assert result.skipped_nonfinite == 0 and result.num_samples == N
+
+
 def test_skip_nonfinite_counts_the_rows(tmp_path, data):
     x, y, _, _ = data
     bad = x.clone()
