@@ -175,6 +175,19 @@ def _newton_direction(prob, W, H, gW, gH, G, S, mu, rtol, max_cg):
     return dW, dH, its
 
 
+def _start(init, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``init`` = (W, H): two finite nonzero (K, p) tensors, as float64 on ``device``."""
+    if not (isinstance(init, (tuple, list)) and len(init) == 2):
+        raise ValueError(f"Expected `init` to be a pair (W, H) of {shape} tensors, got {type(init).__name__}")
+    out = []
+    for X in init:
+        X = torch.as_tensor(X).detach().to(device=device, dtype=torch.float64)
+        if tuple(X.shape) != shape or not bool(torch.isfinite(X).all()) or float(X.norm()) == 0.0:
+            raise ValueError(f"Expected `init` to be two finite nonzero {shape} tensors, got shape {tuple(X.shape)}")
+        out.append(X.clone())
+    return out[0], out[1]
+
+
 def _weights(counts, loss_weights) -> torch.Tensor:
     n = class_sizes(counts)
     if n.dim() != 1:
@@ -207,6 +220,7 @@ def solve_large(
     max_newton: int = 30,
     max_cg: int = 500,
     seed: int = 0,
+    init=None,
     device=None,
     verbose: bool = False,
 ) -> LargeLPMResult:
@@ -220,7 +234,9 @@ def solve_large(
     units of the largest squared row norm; switch_tol: KKT residual at which L-BFGS hands
     over to Newton; max_iter: L-BFGS iterations; max_newton, max_cg: Newton steps and CG
     iterations per step. The start is the Gaussian point of ``lpm.solve`` with the same
-    seed (drawn on the CPU). Returns a ``LargeLPMResult`` (tensors batched, B = 1);
+    seed (drawn on the CPU), or ``init`` = (W, H), two (K, p) float tensors (e.g. the
+    solution for nearby budgets: a warm start), rescaled onto the constraint spheres.
+    Returns a ``LargeLPMResult`` (tensors batched, B = 1);
     ``converged`` means both tolerances were met.
     """
     start = time.perf_counter()
@@ -243,9 +259,12 @@ def solve_large(
     r2 = K * rho
     r = math.sqrt(r2)
     level = torch.tensor([rho], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(int(seed))
-    W = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
-    H = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+    if init is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        W = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+        H = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+    else:
+        W, H = (_normalise(X, r) for X in _start(init, (K, p), device))
     cw = c.to(device)
     prob = _Problem(cw, loss, r2)
     cw_b = cw[None]
@@ -279,8 +298,9 @@ def solve_large(
             V.grad = (r / nv) * _tangent(Hc, gH, r2)
         return f
 
-    iterations, kkt = 0, math.inf
-    while iterations < max_iter:
+    # A warm start may already be close enough for Newton.
+    iterations, kkt = 0, kkt_of(W, H)
+    while iterations < max_iter and kkt > switch_tol:
         opt.step(closure)
         iterations = opt.state[opt._params[0]]["n_iter"]
         with torch.no_grad():
