@@ -35,7 +35,10 @@ def _counts(ratios: torch.Tensor) -> torch.Tensor:
 
 
 def run(name, ratios, backend, args, device):
-    kwargs = dict(dim=P, tol=args.tol, max_iter=args.max_iter, chunk=args.chunk, device=device, dtype=args.dtype)
+    # gram_tol=None: the iteration itself (the Newton polish is per instance, the same code for both).
+    kwargs = dict(
+        dim=P, tol=args.tol, max_iter=args.max_iter, chunk=args.chunk, device=device, dtype=args.dtype, gram_tol=None
+    )
     lpm.solve(_counts(ratios[:8]), E_W, E_H, backend=backend, **{**kwargs, "max_iter": args.chunk})  # warm-up
     out = {}
 

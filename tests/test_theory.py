@@ -173,6 +173,10 @@ def test_solve_large_bad_input():
         lpm.solve_large([[2, 1, 1]], 1.0, 2.0)
     with pytest.raises(ValueError, match="`loss`"):
         lpm.solve_large([2, 1, 1], loss="hinge")
+    with pytest.raises(ValueError, match="`init` to be two finite nonzero \\(3, 3\\)"):
+        lpm.solve_large([2, 1, 1], init=(torch.zeros(3, 3), torch.ones(3, 3)))
+    with pytest.raises(ValueError, match="`init` to be a pair"):
+        lpm.solve_large([2, 1, 1], init=torch.ones(3, 3))
 
 
 # ----------------------------------------------------------------------------- predict / compare

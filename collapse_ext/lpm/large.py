@@ -29,11 +29,14 @@ Every iteration is a handful of (batched) matmuls, on the CPU or a CUDA device.
 
 Stopping rule (a bound on the geometry, not only on the objective): the scale-free KKT
 residual (``lpm.kkt_residual``) <= ``tol`` and ``gram_error`` <= ``gram_tol``, where
-gram_error is the change of the Gram matrices W W^T and H H^T over the last Newton step,
-max-abs divided by the largest squared row norm. Near a non-degenerate optimum (up to
-rotation) Newton converges quadratically, so the distance of the pre-step iterate to the
-optimum is the step itself up to second order: gram_error bounds the Gram error of the
-returned point (which is one more step closer).
+gram_error is the first-order change of the Gram matrices W W^T and H H^T along the last
+full Newton step d (dX X^T + X dX^T), max-abs divided by the largest squared row norm.
+Near a non-degenerate optimum (up to rotation) Newton converges quadratically, so the
+distance of the pre-step iterate to the optimum is the step itself up to second order:
+gram_error bounds the Gram error of the returned point (which is one more step closer).
+The first-order change is blind to rotations X -> X (I + A), A skew, the flat directions
+of the Hessian (f is rotation invariant), along which a step from a point at rounding
+level of stationarity can be long while the Grams do not change.
 """
 
 from __future__ import annotations
@@ -58,13 +61,13 @@ _LOSSES = ("ce", "mse")
 class LargeLPMResult(LPMResult):
     """``LPMResult`` (batch of one) plus the large-K solver's records.
 
-    gram_error (1,): the Gram-change bound of the stopping rule (module docstring);
-    newton_steps (1,) int64: Newton steps taken (``iterations`` counts the L-BFGS ones);
+    gram_error (1,) (an ``LPMResult`` field): the Gram-change bound of the stopping rule
+    (module docstring); newton_steps (1,) int64: Newton steps taken (``iterations`` counts
+    the L-BFGS ones);
     cg_iterations: total Hessian-vector products; flops: GEMM flops spent (2 K^2 p per
     K x K x p product); seconds: wall time.
     """
 
-    gram_error: torch.Tensor | None = None
     newton_steps: torch.Tensor | None = None
     cg_iterations: int = 0
     flops: float = 0.0
@@ -123,15 +126,13 @@ def _normalise(X, r):
     return X * (r / X.norm())
 
 
-def _grams(W, H):
-    return W @ W.T, H @ H.T
-
-
-def _gram_change(before, after) -> float:
+def _gram_change(blocks, steps) -> float:
+    """max over the blocks X (K, p) and their steps dX of |dX X^T + X dX^T|_max / max_k ||x_k||^2."""
     out = 0.0
-    for a, b in zip(before, after):
-        scale = float(a.diagonal().max().clamp_min(torch.finfo(a.dtype).tiny))
-        out = max(out, float((a - b).abs().max()) / scale)
+    for X, dX in zip(blocks, steps):
+        change = dX @ X.T
+        scale = float((X * X).sum(1).max().clamp_min(torch.finfo(X.dtype).tiny))
+        out = max(out, float((change + change.T).abs().max()) / scale)
     return out
 
 
@@ -175,6 +176,19 @@ def _newton_direction(prob, W, H, gW, gH, G, S, mu, rtol, max_cg):
     return dW, dH, its
 
 
+def _start(init, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``init`` = (W, H): two finite nonzero (K, p) tensors, as float64 on ``device``."""
+    if not (isinstance(init, (tuple, list)) and len(init) == 2):
+        raise ValueError(f"Expected `init` to be a pair (W, H) of {shape} tensors, got {type(init).__name__}")
+    out = []
+    for X in init:
+        X = torch.as_tensor(X).detach().to(device=device, dtype=torch.float64)
+        if tuple(X.shape) != shape or not bool(torch.isfinite(X).all()) or float(X.norm()) == 0.0:
+            raise ValueError(f"Expected `init` to be two finite nonzero {shape} tensors, got shape {tuple(X.shape)}")
+        out.append(X.clone())
+    return out[0], out[1]
+
+
 def _weights(counts, loss_weights) -> torch.Tensor:
     n = class_sizes(counts)
     if n.dim() != 1:
@@ -207,6 +221,7 @@ def solve_large(
     max_newton: int = 30,
     max_cg: int = 500,
     seed: int = 0,
+    init=None,
     device=None,
     verbose: bool = False,
 ) -> LargeLPMResult:
@@ -220,7 +235,9 @@ def solve_large(
     units of the largest squared row norm; switch_tol: KKT residual at which L-BFGS hands
     over to Newton; max_iter: L-BFGS iterations; max_newton, max_cg: Newton steps and CG
     iterations per step. The start is the Gaussian point of ``lpm.solve`` with the same
-    seed (drawn on the CPU). Returns a ``LargeLPMResult`` (tensors batched, B = 1);
+    seed (drawn on the CPU), or ``init`` = (W, H), two (K, p) float tensors (e.g. the
+    solution for nearby budgets: a warm start), rescaled onto the constraint spheres.
+    Returns a ``LargeLPMResult`` (tensors batched, B = 1);
     ``converged`` means both tolerances were met.
     """
     start = time.perf_counter()
@@ -243,9 +260,12 @@ def solve_large(
     r2 = K * rho
     r = math.sqrt(r2)
     level = torch.tensor([rho], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(int(seed))
-    W = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
-    H = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+    if init is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        W = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+        H = _normalise(_random_block(gen, (1, K, p), level, torch.float64, device)[0], r)
+    else:
+        W, H = (_normalise(X, r) for X in _start(init, (K, p), device))
     cw = c.to(device)
     prob = _Problem(cw, loss, r2)
     cw_b = cw[None]
@@ -279,8 +299,9 @@ def solve_large(
             V.grad = (r / nv) * _tangent(Hc, gH, r2)
         return f
 
-    iterations, kkt = 0, math.inf
-    while iterations < max_iter:
+    # A warm start may already be close enough for Newton.
+    iterations, kkt = 0, kkt_of(W, H)
+    while iterations < max_iter and kkt > switch_tol:
         opt.step(closure)
         iterations = opt.state[opt._params[0]]["n_iter"]
         with torch.no_grad():
@@ -301,10 +322,9 @@ def solve_large(
         rtol = min(0.1, math.sqrt(max(kkt, 1e-16)))
         dW, dH, its = _newton_direction(prob, W, H, gW, gH, G, S, mu, rtol, max_cg)
         cg_total += its
-        before = _grams(W, H)
         Wn, Hn = _normalise(W + dW, r), _normalise(H + dH, r)
         # The full Newton step estimates the distance to the optimum (module docstring).
-        gram_error = _gram_change(before, _grams(Wn, Hn))
+        gram_error = _gram_change((W, H), (dW, dH))
         if kkt <= tol and gram_error <= gram_tol:
             converged = True
             kn = kkt_of(Wn, Hn)

@@ -26,7 +26,39 @@ from .minority import MINORITY_FIELDS, minority_parts, minority_set
 from .nc1 import cdnv, cdnv_pairs, nc1, nc1_quotient, separation_fuzziness
 from .ncc import check_ncc_tallies, ncc_accuracy, ncc_mismatch, nearest_centre_tallies
 
-__all__ = ["CollapseMetrics", "collapse_metrics"]
+__all__ = ["PREDICTION_FIELDS", "CollapseMetrics", "collapse_metrics"]
+
+# The fields of a theory prediction beside the measurement (collapse_ext.theory.Predictor):
+# the budgets it was made for (the measured mean squared norms of the present classifier
+# rows and centred class means), the predicted values of measured metrics (same names after
+# "predicted_"), theory.compare's distances, and the LPM solver's objective, KKT residual
+# and Gram accuracy.
+PREDICTION_FIELDS = (
+    "prediction_E_W",
+    "prediction_E_H",
+    "predicted_equinorm_means",
+    "predicted_equiangularity_means",
+    "predicted_mean_cosine_means",
+    "predicted_etf_error_means",
+    "predicted_equinorm_weights",
+    "predicted_equiangularity_weights",
+    "predicted_mean_cosine_weights",
+    "predicted_etf_error_weights",
+    "predicted_self_duality",
+    "predicted_minority_cos_mean",
+    "predicted_majority_cos_mean",
+    "predicted_norm_ratio",
+    "predicted_minority_spread",
+    "predicted_minority_mean_cos_mean",
+    "gram_W_distance",
+    "gram_H_distance",
+    "norm_corr_W",
+    "norm_corr_H",
+    "minority_cos_gap",
+    "prediction_objective",
+    "prediction_kkt",
+    "prediction_gram_error",
+)
 
 
 @dataclass
@@ -72,18 +104,46 @@ class CollapseMetrics:
     minority_mean_cos_std: float | None = None
     orthogonal_frame_error_means: float | None = None
     orthogonal_frame_error_weights: float | None = None
+    # A theory prediction beside the measurement (collapse_metrics(predict=...)): see
+    # PREDICTION_FIELDS; written out by to_dict only when ``prediction`` names a model.
+    prediction_E_W: float | None = None
+    prediction_E_H: float | None = None
+    predicted_equinorm_means: float | None = None
+    predicted_equiangularity_means: float | None = None
+    predicted_mean_cosine_means: float | None = None
+    predicted_etf_error_means: float | None = None
+    predicted_equinorm_weights: float | None = None
+    predicted_equiangularity_weights: float | None = None
+    predicted_mean_cosine_weights: float | None = None
+    predicted_etf_error_weights: float | None = None
+    predicted_self_duality: float | None = None
+    predicted_minority_cos_mean: float | None = None
+    predicted_majority_cos_mean: float | None = None
+    predicted_norm_ratio: float | None = None
+    predicted_minority_spread: float | None = None
+    predicted_minority_mean_cos_mean: float | None = None
+    gram_W_distance: float | None = None
+    gram_H_distance: float | None = None
+    norm_corr_W: float | None = None
+    norm_corr_H: float | None = None
+    minority_cos_gap: float | None = None
+    prediction_objective: float | None = None
+    prediction_kkt: float | None = None
+    prediction_gram_error: float | None = None
     minority_classes: list[int] = field(default_factory=list)
     absent_classes: list[int] = field(default_factory=list)
     ncc_means: str | None = None
+    prediction: str | None = None
     undefined: dict[str, str] = field(default_factory=dict)
 
-    _NOT_METRICS = ("minority_classes", "absent_classes", "ncc_means", "undefined")
+    _NOT_METRICS = ("minority_classes", "absent_classes", "ncc_means", "prediction", "undefined")
 
     def to_dict(self) -> dict[str, float | None]:
-        """Flat {name: float or None} of the numbers (integers as floats), for loggers."""
+        """Flat {name: float or None} of the numbers (integers as floats), for loggers; the
+        prediction's fields only when there is one (``prediction`` is the model's name)."""
         out: dict[str, float | None] = {}
         for f in fields(self):
-            if f.name in self._NOT_METRICS:
+            if f.name in self._NOT_METRICS or (self.prediction is None and f.name in PREDICTION_FIELDS):
                 continue
             value = getattr(self, f.name)
             out[f.name] = None if value is None else float(value)
@@ -100,6 +160,8 @@ class CollapseMetrics:
         lines.append(f"minority classes: {self.minority_classes or 'none'}")
         if self.ncc_means:
             lines.append(f"NC4 centres: {self.ncc_means}")
+        if self.prediction:
+            lines.append(f"prediction: {self.prediction} (predicted_*, distances to it)")
         return "\n".join(lines)
 
 
@@ -131,6 +193,7 @@ def collapse_metrics(
     cdnv_exponent: float = 1.0,
     rtol: float | None = None,
     ncc_counts: torch.Tensor | None = None,
+    predict: Any = None,
 ) -> CollapseMetrics:
     """All the metrics computable from ``stats`` (a ClassStats) and what else is given.
 
@@ -145,6 +208,12 @@ def collapse_metrics(
     classes with n_k < ``minority_threshold`` * max n_k (minority metrics only when both
     minority and majority classes exist). Undefined metrics are ``None`` and explained in
     ``undefined``; absent classes are excluded everywhere and listed.
+
+    predict: a theory model name (``"lpm-ce"``, ``"lpm-mse"``, ``"seli"``, ``"etf"``) or a
+    ``collapse_ext.theory.Predictor`` (for model parameters, and to cache solutions across
+    calls): the prediction for the present classes' counts with E_W, E_H the measured mean
+    squared norms of the classifier rows and centred means, reported beside the
+    measurement in the ``PREDICTION_FIELDS`` (needs ``weight``).
     """
     stats = check_stats(stats)
     w = check_weight(weight, stats) if weight is not None else None
@@ -169,6 +238,7 @@ def collapse_metrics(
         ncc_tallies = check_ncc_tallies(ncc_tallies)
     p = positive_float(cdnv_exponent, "cdnv_exponent")
     rtol = rank_rtol(rtol)
+    predictor = None if predict is None else _predictor(predict)
     stats.check_rejected()
     present = stats.present
     out = CollapseMetrics(
@@ -210,7 +280,35 @@ def collapse_metrics(
 
     _ncc(out, stats, w, bias, features, labels, ncc_tallies, put)
     _minority(out, stats, w, minority, minority_threshold)
+    if predictor is not None:
+        _prediction(out, stats, w, predictor)
     return out
+
+
+def _predictor(predict: Any) -> Any:
+    """A theory Predictor from a model name (checked), or the one given."""
+    if isinstance(predict, str):
+        # The one import against the layer order (tests/test_layout.py, ALLOWED_UPWARD):
+        # a prediction is the theory layer's work, reached only when asked for.
+        from ..theory.beside import Predictor
+
+        return Predictor(predict)
+    if not callable(getattr(predict, "beside", None)):
+        raise TypeError(
+            f"Expected `predict` to be a theory model name or a collapse_ext.theory.Predictor, got {predict!r}"
+        )
+    return predict
+
+
+def _prediction(out: CollapseMetrics, stats: ClassStats, w, predict: Any) -> None:
+    """The ``PREDICTION_FIELDS`` of ``out`` from a theory Predictor."""
+    values, reasons = predict.beside(stats, w, out.minority_classes)
+    out.prediction = predict.model
+    for name in PREDICTION_FIELDS:
+        if name in values:
+            setattr(out, name, values[name])
+        else:
+            out.undefined[name] = reasons.get(name, "not given by this model")
 
 
 def _nc2(put, which: str, rows: torch.Tensor, pairs: Pairs, frame: Callable[[], Pairs]) -> None:

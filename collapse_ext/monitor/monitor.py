@@ -36,6 +36,7 @@ from torch import nn
 from .._validate import class_indices, flag, index, positive_int
 from ..metrics import CollapseMetrics, collapse_metrics, fit_separation_law
 from ..stats import ClassStats
+from ..theory import Predictor
 from .distributed import Distributed
 from .hooks import PENULTIMATE, Hooks, out_features
 from .layer import Session
@@ -71,6 +72,10 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         check: ClassStats checking; None = ``"strict"`` on CPU, ``"deferred"`` (no host
             synchronisation) on CUDA.
         minority, minority_threshold: passed to :func:`~collapse_ext.metrics.collapse_metrics`.
+        predict: a theory model name (``"lpm-ce"``, ...) or a ``theory.Predictor``: each
+            result's penultimate bundle then holds the prediction for its class counts and
+            measured budgets beside the measurement (``collapse_metrics(predict=...)``),
+            made at ``compute()`` / ``evaluate()`` only, with LPM solutions cached.
         sync: merge statistics across ranks in ``compute()`` when torch.distributed is
             initialised; process_group: the group (default: the world).
         loggers: objects with ``log(result)`` (see :mod:`collapse_ext.loggers`), called with
@@ -98,6 +103,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         check: str | None = None,
         minority: Sequence[int] | None = None,
         minority_threshold: float = 0.5,
+        predict: str | Predictor | None = None,
         sync: bool = True,
         process_group: Any = None,
         loggers: Iterable[Any] = (),
@@ -127,6 +133,9 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         if not 0 < threshold <= 1:
             raise ValueError(f"Expected `minority_threshold` to be a number in (0, 1], got {minority_threshold!r}")
         self.minority_threshold = float(threshold)
+        self.predictor = Predictor(predict) if isinstance(predict, str) else predict
+        if predict is not None and not isinstance(self.predictor, Predictor):
+            raise TypeError(f"Expected `predict` to be a theory model name or a Predictor, got {predict!r}")
         self.sync = flag(sync, "sync")
         self.process_group = process_group
         self.loggers = list(loggers)
@@ -219,6 +228,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
                 minority=self.minority,
                 minority_threshold=self.minority_threshold,
                 ncc_tallies=tallies,
+                predict=self.predictor if name == PENULTIMATE else None,
             )
             if tallies is not None:
                 m.ncc_means = ncc_note

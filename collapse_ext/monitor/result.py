@@ -20,6 +20,7 @@ def layer_entry(m: CollapseMetrics) -> dict[str, Any]:
         "absent_classes": list(m.absent_classes),
         "minority_classes": list(m.minority_classes),
         "ncc_means": m.ncc_means,
+        "prediction": m.prediction,
         "undefined": dict(m.undefined),
     }
 
@@ -81,6 +82,7 @@ class MonitorResult:
                 absent_classes=list(entry.get("absent_classes", [])),
                 minority_classes=list(entry.get("minority_classes", [])),
                 ncc_means=entry.get("ncc_means"),
+                prediction=entry.get("prediction"),
                 undefined=dict(entry.get("undefined", {})),
             )
         law = data.get("separation_law")
@@ -123,6 +125,8 @@ class MonitorResult:
         ]
         if m.minority_classes:
             parts.append(f"minority cos(W) {fmt(m.minority_cos_mean)}")
+        if m.prediction:
+            parts.append(f"vs {m.prediction}: dG(W) {fmt(m.gram_W_distance)} dG(M) {fmt(m.gram_H_distance)}")
         if self.separation_law is not None:
             parts.append(f"rho {self.separation_law['rho']:.3g}")
         return "  ".join(parts)
