@@ -9,8 +9,10 @@ from collapse_ext import _ops
 
 
 class _OnCuda:
-    """Stands in for a CUDA tensor on a machine without a GPU: check_backend reads only .device."""
+    """Stands in for a CUDA tensor on a machine without a GPU: check_backend reads only
+    .is_cpu and .device."""
 
+    is_cpu = False
     device = torch.device("cuda", 0)
 
 
@@ -22,6 +24,7 @@ def test_cuda_tensor_on_cpu_only_build_gives_clear_error(monkeypatch):
 
 def test_unsupported_device_is_named():
     class OnXla:
+        is_cpu = False
         device = torch.device("xla", 0)
 
     with pytest.raises(RuntimeError, match="`labels` is on xla:0; collapse_ext supports cpu and cuda"):
