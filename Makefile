@@ -72,4 +72,4 @@ format: $(DEPS)
 	$(PY) -m ruff check --fix collapse_ext tests benchmarks setup.py
 
 clean:
-	rm -rf build dist *.egg-info collapse_ext/_C*.so collapse_ext/_build_config.py $(INSTALLED)
+	rm -rf build dist *.egg-info collapse_ext/_C*.so $(INSTALLED)

@@ -1,8 +1,8 @@
 """What this copy of collapse_ext was built with and what it runs on.
 
-setup.py writes ``_build_config.py`` beside this file when it builds ``_C`` (torch and
-CUDA versions, arch list, compiler); a copy without it (a checkout built some other way)
-reports those build fields as None.
+The build facts come from the compiled extension itself (``_C.build_info()``, written in
+csrc/ops.cpp from the headers and defines of the build), so they cannot disagree with
+the ``_C`` that is loaded; this module adds the facts of the running process.
 """
 
 from __future__ import annotations
@@ -11,38 +11,30 @@ from typing import Any
 
 import torch
 
-from ._ops import cuda_compiled
+from . import _C
 from ._version import __version__
 
 __all__ = ["build_info"]
 
 
-def _recorded() -> dict[str, Any]:
-    try:
-        from ._build_config import BUILD_CONFIG
-    except ImportError:
-        return {}
-    return dict(BUILD_CONFIG)
-
-
 def build_info() -> dict[str, Any]:
     """A dict: ``version``; ``torch_built`` / ``torch_running`` (the torch the extension was
-    compiled against, and the one imported now: they should agree); ``cuda_compiled``;
-    ``cuda_built`` (nvcc's CUDA release, None for a CPU-only build) and ``cuda_running``
-    (``torch.version.cuda``); ``cuda_arch_list`` (TORCH_CUDA_ARCH_LIST of the build);
-    ``openmp_threads`` (``torch.get_num_threads()`` now); ``compiler`` (first line of the
-    C++ compiler's ``--version``); ``build_config`` ("recorded" or "missing")."""
-    recorded = _recorded()
-    compiled = cuda_compiled()
+    compiled against, ``major.minor.patch`` from its headers, and ``torch.__version__`` of
+    the one imported now: the first should be the second without its local suffix);
+    ``cuda_compiled``; ``cuda_built`` (CUDA_VERSION of the toolkit compiled against, as
+    "13.0"; None for a CPU-only build) and ``cuda_running`` (``torch.version.cuda``);
+    ``cuda_arch_list`` (TORCH_CUDA_ARCH_LIST of the build, None without CUDA);
+    ``openmp_threads`` (ATen's intra-op threads now); ``compiler`` (the C++ compiler's name
+    and version)."""
+    built = _C.build_info()
     return {
         "version": __version__,
-        "torch_built": recorded.get("torch"),
+        "torch_built": built["torch_built"],
         "torch_running": torch.__version__,
-        "cuda_compiled": compiled,
-        "cuda_built": recorded.get("cuda") if compiled else None,
+        "cuda_compiled": built["cuda_compiled"],
+        "cuda_built": built["cuda_built"],
         "cuda_running": torch.version.cuda,
-        "cuda_arch_list": recorded.get("cuda_arch_list") if compiled else None,
-        "openmp_threads": torch.get_num_threads(),
-        "compiler": recorded.get("compiler"),
-        "build_config": "recorded" if recorded else "missing",
+        "cuda_arch_list": built["cuda_arch_list"],
+        "openmp_threads": built["openmp_threads"],
+        "compiler": built["compiler"],
     }

@@ -15,6 +15,7 @@
 #include <torch/all.h>
 
 #include "checks.h"
+#include "common.h"
 
 namespace collapse_ext {
 
@@ -57,8 +58,7 @@ inline ClassAccumulateArgs class_accumulate_args(const at::Tensor& features, con
   a.n = a.x.size(0);
   a.d = a.x.size(1);
   a.num_classes = k;
-  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  a.centred = at::empty({a.n, a.d}, a.x.options().dtype(compute));
+  a.centred = at::empty({a.n, a.d}, a.x.options().dtype(compute_dtype(features.scalar_type())));
   a.status = at::empty({4}, a.x.options().dtype(at::kDouble));
   return a;
 }

@@ -1,6 +1,9 @@
-// Host-side validation and the plain parameter struct of the fused Layer-Peeled Model
-// step, shared by csrc/cpu/lpm_step_cpu.cpp and csrc/cuda/lpm_step_cuda.cu. The kernels
-// only see LpmStepParams; every check lives here, with a message naming the argument.
+// The fused Layer-Peeled Model step shared by csrc/cpu/lpm_step_cpu.cpp and
+// csrc/cuda/lpm_step_cuda.cu: host-side validation, the plain parameter struct (the
+// kernels only see LpmStepParams; every check lives here, with a message naming the
+// argument), and the math of one iteration written once for both backends (namespace
+// lpm). The iteration is documented in collapse_ext/_ops.py (lpm_step) and written out
+// plainly in collapse_ext/reference.py (lpm_step_reference).
 #pragma once
 
 #include <torch/all.h>
@@ -9,10 +12,87 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common.h"
 
 namespace collapse_ext {
 
 enum class LpmLoss { kCrossEntropy, kSquared };
+
+namespace lpm {
+
+// Entry (k, j) of the logits Z = H W^T at x = [W; H], each block (K, p) row-major.
+template <typename acc_t, typename int_t>
+COLLAPSE_HD_INLINE acc_t logit(const acc_t* x, int_t K, int_t p, int_t k, int_t j) {
+  const acc_t* h = x + K * p + k * p;
+  const acc_t* w = x + j * p;
+  acc_t s = 0;
+  for (int_t q = 0; q < p; ++q) s += h[q] * w[q];
+  return s;
+}
+
+// The loss of class k's feature, weighted by c: z (K,) holds its logits and becomes
+// c dL/dz; returns c L(z, k). Cross-entropy: L = logsumexp(z) - z_k, computed about
+// max(z); squared: L = ||z - e_k||^2 / 2.
+template <typename acc_t, typename int_t>
+COLLAPSE_HD_INLINE acc_t row_loss(acc_t* z, int_t K, int_t k, acc_t c, LpmLoss loss) {
+  if (loss == LpmLoss::kCrossEntropy) {
+    acc_t m = z[0];
+    for (int_t j = 1; j < K; ++j) m = hd_max(m, z[j]);
+    const acc_t zk = z[k];
+    acc_t sum = 0;
+    for (int_t j = 0; j < K; ++j) sum += (z[j] = hd_exp(z[j] - m));
+    for (int_t j = 0; j < K; ++j) z[j] = c * (z[j] / sum - (j == k ? acc_t(1) : acc_t(0)));
+    return c * (m + hd_log(sum) - zk);
+  }
+  acc_t sq = 0;
+  for (int_t j = 0; j < K; ++j) {
+    const acc_t r = z[j] - (j == k ? acc_t(1) : acc_t(0));
+    sq += r * r;
+    z[j] = c * r;
+  }
+  return c * acc_t(0.5) * sq;
+}
+
+// FISTA's theta_{t+1} = (1 + sqrt(1 + 4 theta_t^2)) / 2.
+template <typename acc_t>
+COLLAPSE_HD_INLINE acc_t next_theta(acc_t theta) {
+  return (1 + hd_sqrt(1 + 4 * theta * theta)) / 2;
+}
+
+// Radial rescale onto ||block||_F^2 <= radius_sq (identity inside the ball).
+template <typename acc_t>
+COLLAPSE_HD_INLINE acc_t ball_scale(acc_t norm_sq, acc_t radius_sq) {
+  return norm_sq > radius_sq ? hd_sqrt(radius_sq / norm_sq) : acc_t(1);
+}
+
+// The projected gradient step from Y, with the gradient at Y already in `entries`:
+// T = P(Y - eta grad), P rescaling the W block (entries e < kp) onto ||W||_F^2 <= rw and
+// the H block onto ||H||_F^2 <= rh. Returns <Y - T, T - X>, the adaptive-restart test
+// (summed over the instance when want_dot; a thread's share otherwise); at Y = X that is
+// -||X - T||^2 = -(eta * projected-gradient norm)^2, so the final residual is this step too.
+// `entries` holds Y and T at the entries a thread owns: for_each(f) calls f(e, y_e, t_e)
+// (t_e by reference), grad(e) is the gradient at Y, sum(v) sums v over the instance (the
+// identity on the CPU, where a thread owns the whole instance; a block reduction on CUDA).
+template <typename acc_t, typename int_t, typename Entries>
+COLLAPSE_HD_INLINE acc_t projected_step(Entries& entries, const acc_t* x, int_t kp, acc_t eta, acc_t rw, acc_t rh,
+                                        bool want_dot) {
+  acc_t nw = 0, nh = 0;
+  entries.for_each([&](auto e, const acc_t& y, acc_t& t) {
+    t = y - eta * entries.grad(e);
+    (e < kp ? nw : nh) += t * t;
+  });
+  nw = entries.sum(nw);
+  nh = entries.sum(nh);
+  const acc_t sw = ball_scale(nw, rw), sh = ball_scale(nh, rh);
+  acc_t dot = 0;
+  entries.for_each([&](auto e, const acc_t& y, acc_t& t) {
+    t *= e < kp ? sw : sh;
+    dot += (y - t) * (t - x[e]);
+  });
+  return want_dot ? entries.sum(dot) : dot;
+}
+
+}  // namespace lpm
 
 inline LpmLoss parse_lpm_loss(std::string_view loss) {
   if (loss == "ce") return LpmLoss::kCrossEntropy;

@@ -9,8 +9,16 @@
 #include <optional>
 
 #include "checks.h"
+#include "common.h"
 
 namespace collapse_ext {
+
+// The order of the (value, index) arg-reductions on both backends: an index < 0 means
+// "nothing yet" and loses; otherwise the smaller value wins, then the smaller index. The
+// order is total, so any reduction tree picks the lowest index among exact ties.
+COLLAPSE_HD_INLINE bool argmin_takes(double v, int64_t i, double value, int64_t index) {
+  return i >= 0 && (index < 0 || v < value || (v == value && i < index));
+}
 
 // features (N, d), labels (N,), means (K, d); weight (K, d), bias (K,) (needs weight),
 // present (K,) bool, all on the features' device.

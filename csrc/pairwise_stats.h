@@ -10,12 +10,7 @@
 #include <utility>
 
 #include "checks.h"
-
-#ifdef __CUDACC__
-#define CE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define CE_HOST_DEVICE inline
-#endif
+#include "common.h"
 
 namespace collapse_ext {
 namespace pairwise {
@@ -53,30 +48,29 @@ struct Params {
 
 // Plain compares, not fmin/fmax: without -ffinite-math-only those are library calls on
 // the CPU, several per pair. Inputs are finite (NaN rows give NaN sums either way).
-CE_HOST_DEVICE double lo(double a, double b) { return b < a ? b : a; }
-CE_HOST_DEVICE double hi(double a, double b) { return b > a ? b : a; }
+COLLAPSE_HD_INLINE double lo(double a, double b) { return b < a ? b : a; }
+COLLAPSE_HD_INLINE double hi(double a, double b) { return b > a ? b : a; }
 
-CE_HOST_DEVICE bool is_min(int f) { return f == kCosMin; }
-CE_HOST_DEVICE bool is_max(int f) { return f == kCosMax || f == kDistSqMax; }
+COLLAPSE_HD_INLINE bool is_min(int f) { return f == kCosMin; }
+COLLAPSE_HD_INLINE bool is_max(int f) { return f == kCosMax || f == kDistSqMax; }
 
-CE_HOST_DEVICE void init(double* acc) {
-  for (int f = 0; f < kNumFields; ++f) acc[f] = is_min(f) ? INFINITY : (is_max(f) ? -INFINITY : 0.0);
+// The empty value of field f, and two partial values of f folded into one.
+COLLAPSE_HD_INLINE double identity(int f) { return is_min(f) ? INFINITY : (is_max(f) ? -INFINITY : 0.0); }
+COLLAPSE_HD_INLINE double fold(int f, double a, double b) {
+  return is_min(f) ? lo(a, b) : (is_max(f) ? hi(a, b) : a + b);
 }
 
-CE_HOST_DEVICE void merge(double* acc, const double* other) {
-  for (int f = 0; f < kNumFields; ++f) {
-    if (is_min(f))
-      acc[f] = lo(acc[f], other[f]);
-    else if (is_max(f))
-      acc[f] = hi(acc[f], other[f]);
-    else
-      acc[f] += other[f];
-  }
+COLLAPSE_HD_INLINE void init(double* acc) {
+  for (int f = 0; f < kNumFields; ++f) acc[f] = identity(f);
+}
+
+COLLAPSE_HD_INLINE void merge(double* acc, const double* other) {
+  for (int f = 0; f < kNumFields; ++f) acc[f] = fold(f, acc[f], other[f]);
 }
 
 // One pair j < k: dot = a_j . a_k, sq_* = ||a_*||^2, inv_* = 1/||a_*|| (0 for a zero row),
 // var_* the per-row variances (ignored without them).
-CE_HOST_DEVICE void add_pair(double* acc, double dot, double sq_j, double sq_k, double inv_j, double inv_k,
+COLLAPSE_HD_INLINE void add_pair(double* acc, double dot, double sq_j, double sq_k, double inv_j, double inv_k,
                              double var_j, double var_k, const Params& p) {
   acc[kPairs] += 1.0;
   // The Gram identity for distances: callers centre the rows first (metrics pass

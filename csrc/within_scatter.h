@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "common.h"
 
 namespace collapse_ext {
 
@@ -26,7 +27,7 @@ at::Tensor within_scatter_chunked(const at::Tensor& features, const at::Tensor& 
   check_means(means, features);
   const int64_t n = features.size(0), d = features.size(1);
   // fp16/bf16/fp32 are centred and multiplied in fp32; fp64 stays fp64.
-  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto compute = compute_dtype(features.scalar_type());
   at::Tensor proj;
   if (basis.has_value()) {
     CE_CHECK_DIM(*basis, 2, "basis", "(d, r)");

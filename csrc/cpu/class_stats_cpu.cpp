@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../class_stats.h"
+#include "../common.h"
 
 namespace collapse_ext {
 namespace {
@@ -52,16 +53,22 @@ double squared_distance(const scalar_t* row, const double* mean, int64_t j0, int
   return s;
 }
 
+// The number of row ranges of the passes over rows: one per thread, none shorter than
+// kMinChunkRows.
+int64_t row_chunks(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(threads, n / kMinChunkRows));
+}
+
+// Pass 1: counts, and the sums of each class's rows divided by its count into means.
 template <typename scalar_t, typename label_t>
-void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n,
-                        int64_t d, int64_t num_classes, int64_t* counts, double* means,
-                        double* sqdev) {
+void class_sums_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n, int64_t d,
+                       int64_t num_classes, int64_t* counts, double* means) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
     if (k >= 0 && k < num_classes) ++counts[k];
   }
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks = std::max<int64_t>(1, std::min(threads, n / kMinChunkRows));
+  const int64_t chunks = row_chunks(n);
   const int64_t chunk_rows = (n + chunks - 1) / chunks;
   auto add_rows = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, double* sums) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -97,8 +104,15 @@ void class_stats_kernel(const scalar_t* x, int64_t row_stride, const label_t* y,
       for (int64_t j = 0; j < d; ++j) means[k * d + j] /= count;
     }
   });
+}
 
-  // Pass 2: row ranges again, each with its own (K,) sums, folded in a fixed order.
+// Pass 2: row ranges again, each with its own (K,) sums of squared deviations about the
+// means, folded in a fixed order.
+template <typename scalar_t, typename label_t>
+void class_sqdev_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n, int64_t d,
+                        int64_t num_classes, const double* means, double* sqdev) {
+  const int64_t chunks = row_chunks(n);
+  const int64_t chunk_rows = (n + chunks - 1) / chunks;
   std::vector<double> partial(chunks * num_classes, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -119,13 +133,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cpu(const at::Tensor&
                                                                const at::Tensor& labels,
                                                                int64_t num_classes) {
   auto a = class_stats_args(features, labels, num_classes);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "class_stats_cpu", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(a.y.scalar_type(), "class_stats_cpu", [&] {
-      class_stats_kernel<scalar, index_t>(a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<index_t>(),
-                                          a.n, a.d, num_classes, a.counts.data_ptr<int64_t>(),
-                                          a.means.data_ptr<double>(), a.sqdev.data_ptr<double>());
-    });
+  COLLAPSE_DISPATCH_FEATURES_LABELS(a.x.scalar_type(), a.y.scalar_type(), "class_stats_cpu", [&] {
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const label_t* y = a.y.const_data_ptr<label_t>();
+    class_sums_kernel(x, a.x.stride(0), y, a.n, a.d, num_classes, a.counts.data_ptr<int64_t>(),
+                      a.means.data_ptr<double>());
+    class_sqdev_kernel(x, a.x.stride(0), y, a.n, a.d, num_classes, a.means.const_data_ptr<double>(),
+                       a.sqdev.data_ptr<double>());
   });
   return {a.counts, a.means, a.sqdev};
 }

@@ -2,8 +2,7 @@
 // CPU: at::parallel_for over instances, each instance iterated to the end in a few
 // thread-local buffers (an instance is O(K p + K^2) numbers, so it stays in L1/L2).
 // Arithmetic in at::opmath_type<scalar_t> (float32 for float32, float64 for float64).
-// The iteration is documented in collapse_ext/_ops.py (lpm_step) and written out plainly
-// in collapse_ext/reference.py (lpm_step_reference).
+// The row loss and the projected step are csrc/lpm_step.h's, shared with CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,35 +23,10 @@ namespace {
 // weights; returns the objective sum_k c_k L(z_k, k). x = [W; H], each (K, p).
 template <typename acc_t>
 acc_t logit_grad(const acc_t* x, const acc_t* c, int64_t K, int64_t p, LpmLoss loss, acc_t* G) {
-  const acc_t* w = x;
-  const acc_t* h = x + K * p;
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < K; ++j) {
-      acc_t s = 0;
-      for (int64_t q = 0; q < p; ++q) s += h[k * p + q] * w[j * p + q];
-      G[k * K + j] = s;
-    }
+    for (int64_t j = 0; j < K; ++j) G[k * K + j] = lpm::logit(x, K, p, k, j);
   acc_t objective = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    acc_t* z = G + k * K;
-    if (loss == LpmLoss::kCrossEntropy) {
-      acc_t m = z[0];
-      for (int64_t j = 1; j < K; ++j) m = std::max(m, z[j]);
-      const acc_t zk = z[k];
-      acc_t sum = 0;
-      for (int64_t j = 0; j < K; ++j) sum += (z[j] = std::exp(z[j] - m));
-      objective += c[k] * (m + std::log(sum) - zk);
-      for (int64_t j = 0; j < K; ++j) z[j] = c[k] * (z[j] / sum - (j == k ? acc_t(1) : acc_t(0)));
-    } else {
-      acc_t sq = 0;
-      for (int64_t j = 0; j < K; ++j) {
-        const acc_t r = z[j] - (j == k ? acc_t(1) : acc_t(0));
-        sq += r * r;
-        z[j] = c[k] * r;
-      }
-      objective += c[k] * acc_t(0.5) * sq;
-    }
-  }
+  for (int64_t k = 0; k < K; ++k) objective += lpm::row_loss(G + k * K, K, k, c[k], loss);
   return objective;
 }
 
@@ -74,29 +48,33 @@ void param_grad(const acc_t* x, const acc_t* G, int64_t K, int64_t p, acc_t* gra
     }
 }
 
+// The entries of lpm::projected_step on the CPU: one thread owns the whole instance, so Y,
+// T and the gradient are plain arrays and an instance-wide sum is the value itself.
 template <typename acc_t>
-acc_t sum_sq(const acc_t* v, int64_t n) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += v[i] * v[i];
-  return s;
-}
-
-// Radial rescale onto ||block||_F^2 <= radius_sq (identity inside the ball).
-template <typename acc_t>
-acc_t ball_scale(acc_t norm_sq, acc_t radius_sq) {
-  return norm_sq > radius_sq ? std::sqrt(radius_sq / norm_sq) : acc_t(1);
-}
+struct InstanceEntries {
+  const acc_t* y;
+  acc_t* t;
+  const acc_t* g;
+  int64_t n;
+  template <typename F>
+  void for_each(F f) const {
+    for (int64_t e = 0; e < n; ++e) f(e, y[e], t[e]);
+  }
+  acc_t grad(int64_t e) const { return g[e]; }
+  acc_t sum(acc_t v) const { return v; }
+};
 
 template <typename scalar_t>
 void lpm_step_kernel(const LpmStepParams<scalar_t>& P, int64_t b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = P.K, p = P.p, kp = K * p, n = 2 * kp;
-  std::vector<acc_t> storage(4 * n + K * K + K);
+  std::vector<acc_t> storage(5 * n + K * K + K);
   acc_t* x = storage.data();
   acc_t* xp = x + n;
   acc_t* y = xp + n;
   acc_t* t = y + n;
-  acc_t* G = t + n;
+  acc_t* grad = t + n;
+  acc_t* G = grad + n;
   acc_t* c = G + K * K;
   for (int64_t e = 0; e < kp; ++e) {
     x[e] = P.W[b * kp + e];
@@ -108,26 +86,24 @@ void lpm_step_kernel(const LpmStepParams<scalar_t>& P, int64_t b) {
   const acc_t eta = P.step[b];
   const acc_t rw = acc_t(K) * acc_t(P.E_W[b]), rh = acc_t(K) * acc_t(P.E_H[b]);
   acc_t theta = P.theta[b];
-  std::vector<acc_t> grad(n);
+  // Objective at `point`, then the projected step from it into t; returns {objective, dot}.
+  auto step_from = [&](const acc_t* point, bool want_dot) {
+    const acc_t objective = logit_grad(point, c, K, p, P.loss, G);
+    param_grad(point, G, K, p, grad);
+    InstanceEntries<acc_t> entries{point, t, grad, n};
+    return std::make_pair(objective, lpm::projected_step(entries, x, kp, eta, rw, rh, want_dot));
+  };
 
   for (int64_t it = 0; it < P.num_iters; ++it) {
     acc_t theta_next = theta;
-    const acc_t* yy = x;
+    const acc_t* point = x;
     if (P.momentum) {
-      theta_next = (1 + std::sqrt(1 + 4 * theta * theta)) / 2;
+      theta_next = lpm::next_theta(theta);
       const acc_t beta = (theta - 1) / theta_next;
       for (int64_t e = 0; e < n; ++e) y[e] = x[e] + beta * (x[e] - xp[e]);
-      yy = y;
+      point = y;
     }
-    logit_grad(yy, c, K, p, P.loss, G);
-    param_grad(yy, G, K, p, grad.data());
-    for (int64_t e = 0; e < n; ++e) t[e] = yy[e] - eta * grad[e];
-    const acc_t sw = ball_scale(sum_sq(t, kp), rw), sh = ball_scale(sum_sq(t + kp, kp), rh);
-    acc_t dot = 0;
-    for (int64_t e = 0; e < n; ++e) {
-      t[e] *= e < kp ? sw : sh;
-      dot += (yy[e] - t[e]) * (t[e] - x[e]);
-    }
+    const acc_t dot = step_from(point, P.momentum).second;
     if (P.momentum) theta = dot > 0 ? acc_t(1) : theta_next;
     // Rotate: the previous iterate becomes x, the new one t; the old xp is scratch.
     acc_t* old_xp = xp;
@@ -136,15 +112,8 @@ void lpm_step_kernel(const LpmStepParams<scalar_t>& P, int64_t b) {
     t = old_xp;
   }
 
-  const acc_t objective = logit_grad(x, c, K, p, P.loss, G);
-  param_grad(x, G, K, p, grad.data());
-  for (int64_t e = 0; e < n; ++e) t[e] = x[e] - eta * grad[e];
-  const acc_t sw = ball_scale(sum_sq(t, kp), rw), sh = ball_scale(sum_sq(t + kp, kp), rh);
-  acc_t pg = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    const acc_t d = x[e] - t[e] * (e < kp ? sw : sh);
-    pg += d * d;
-  }
+  // One more step from x gives the objective and the projected-gradient residual.
+  const auto [objective, dot] = step_from(x, true);
   for (int64_t e = 0; e < kp; ++e) {
     P.W_out[b * kp + e] = x[e];
     P.H_out[b * kp + e] = x[kp + e];
@@ -153,7 +122,7 @@ void lpm_step_kernel(const LpmStepParams<scalar_t>& P, int64_t b) {
   }
   P.theta_out[b] = theta;
   P.objective[b] = objective;
-  P.pg_norm[b] = std::sqrt(pg) / eta;
+  P.pg_norm[b] = std::sqrt(acc_t(0) - dot) / eta;  // 0 - dot: +0, never -0, at a fixed point
 }
 
 LpmStepResult lpm_step_cpu(const at::Tensor& W, const at::Tensor& H, const at::Tensor& W_prev,

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../common.h"
 #include "../nearest_centre.h"
 
 namespace collapse_ext {
@@ -31,12 +32,12 @@ namespace {
 constexpr int64_t kChunkBytes = 8 << 20;
 
 template <typename scalar_t, typename compute_t>
-void shift_rows(const scalar_t* x, int64_t row_stride, const double* centre, int64_t rows, int64_t d,
+void shift_rows_kernel(const scalar_t* x, int64_t row_stride, const double* centre, int64_t rows, int64_t d,
                 compute_t* out) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* row = x + i * row_stride;
     compute_t* dst = out + i * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<compute_t>(static_cast<double>(row[j]) - centre[j]);
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<compute_t>(to_double(row[j]) - centre[j]);
   }
 }
 
@@ -63,7 +64,7 @@ int64_t argmin_affine(const compute_t* v, const double* add, double scale, int64
   double b = best[0];
   int64_t a = arg[0];
   for (int u = 1; u < kChains; ++u)
-    if (arg[u] >= 0 && (a < 0 || best[u] < b || (best[u] == b && arg[u] < a))) b = best[u], a = arg[u];
+    if (argmin_takes(best[u], arg[u], b, a)) b = best[u], a = arg[u];
   return a;
 }
 
@@ -72,7 +73,7 @@ int64_t argmin_affine(const compute_t* v, const double* add, double scale, int64
 // -(W c + b), so the classifier's argmax is an argmin of -(logit + shift).
 // Adds the chunk's [n, ncc_correct, mismatch] to counts and writes its assignments.
 template <typename compute_t, typename label_t>
-void assign_rows(const compute_t* scores, const compute_t* logits, int64_t ld, const double* mu_sq,
+void assign_kernel(const compute_t* scores, const compute_t* logits, int64_t ld, const double* mu_sq,
                  const double* neg_shift, const label_t* y, int64_t rows, int64_t k, int64_t* assigned,
                  int64_t* counts) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cpu(const at::Tensor& features
                                                       const std::optional<at::Tensor>& present, bool assignments) {
   check_nearest_centre_inputs(features, labels, means, weight, bias, present);
   const int64_t n = features.size(0), d = features.size(1), k = means.size(0);
-  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto compute = compute_dtype(features.scalar_type());
   auto counts = at::zeros({3}, features.options().dtype(at::kLong));
   auto assigned = at::full({assignments ? n : 0}, -1, features.options().dtype(at::kLong));
   if (n == 0 || k == 0) return {counts, assigned};
@@ -135,21 +136,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cpu(const at::Tensor& features
     for (int64_t c = next++; c < chunks; c = next++) {
       const int64_t start = c * chunk, rows = std::min(chunk, n - start);
       at::Tensor h = shifted.narrow(0, 0, rows), s = products.narrow(0, 0, rows);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nearest_centre_cpu", [&] {
-        const scalar_t* px = x.const_data_ptr<scalar_t>() + start * x.stride(0);
-        if (compute == at::kDouble)
-          shift_rows(px, x.stride(0), centre, rows, d, h.data_ptr<double>());
-        else
-          shift_rows(px, x.stride(0), centre, rows, d, h.data_ptr<float>());
-      });
-      at::mm_out(s, h, setup.stacked.t());
-      AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "nearest_centre_cpu", [&] {
-        using compute_t = scalar_t;
+      COLLAPSE_DISPATCH_FEATURES_LABELS(x.scalar_type(), y.scalar_type(), "nearest_centre_cpu", [&] {
+        using compute_t = compute_type<scalar_t>;
+        shift_rows_kernel(x.const_data_ptr<scalar_t>() + start * x.stride(0), x.stride(0), centre, rows, d,
+                          h.data_ptr<compute_t>());
+        at::mm_out(s, h, setup.stacked.t());
         const compute_t* ps = s.const_data_ptr<compute_t>();
-        AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "nearest_centre_cpu", [&] {
-          assign_rows(ps, has_weight ? ps + k : nullptr, cols, mu_sq, neg_shift, y.const_data_ptr<index_t>() + start,
+        assign_kernel(ps, has_weight ? ps + k : nullptr, cols, mu_sq, neg_shift, y.const_data_ptr<label_t>() + start,
                       rows, k, out_assigned ? out_assigned + start : nullptr, chunk_counts.data() + 3 * c);
-        });
       });
     }
   });

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../common.h"
 #include "../pairwise_stats.h"
 
 namespace collapse_ext {
@@ -35,7 +36,7 @@ constexpr int64_t kMaxTile = 512;
 // Reduces one (ti, tj) Gram tile whose rows start at i0 and columns at j0 into `out`
 // (only c > r on a diagonal tile), row by row.
 template <typename compute_t>
-void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
+void reduce_tile_kernel(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
                  const double* sq, const double* inv, const double* var, const pairwise::Params& params, double* out) {
   pairwise::init(out);
   for (int64_t r = 0; r < ti; ++r) {
@@ -55,6 +56,20 @@ void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int6
   }
 }
 
+// Squared norms and inverse norms in float64, row by row (a float64 copy of the rows
+// would double the memory).
+template <typename compute_t>
+void row_norms_kernel(const compute_t* a, int64_t m, int64_t d, double* sq, double* inv) {
+  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double acc = 0.0;
+      for (int64_t c = 0; c < d; ++c) acc += static_cast<double>(a[r * d + c]) * static_cast<double>(a[r * d + c]);
+      sq[r] = acc;
+      inv[r] = acc > 0.0 ? 1.0 / std::sqrt(acc) : 0.0;
+    }
+  });
+}
+
 at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Tensor>& variances,
                               const std::optional<at::Tensor>& subset, double riesz_s, double cdnv_p) {
   check_pairwise_inputs(rows, variances, subset, riesz_s, cdnv_p);
@@ -67,19 +82,9 @@ at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Te
   pairwise::init(result);
   if (m < 2) return out;
 
-  // Squared norms in float64 row by row: a float64 copy of the rows would double the memory.
   std::vector<double> sq_v(m), inv_v(m);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pairwise_stats_cpu", [&] {
-    const scalar_t* pa = a.const_data_ptr<scalar_t>();
-    const int64_t d = a.size(1);
-    at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        double acc = 0.0;
-        for (int64_t c = 0; c < d; ++c) acc += static_cast<double>(pa[r * d + c]) * static_cast<double>(pa[r * d + c]);
-        sq_v[r] = acc;
-        inv_v[r] = acc > 0.0 ? 1.0 / std::sqrt(acc) : 0.0;
-      }
-    });
+  COLLAPSE_FLOAT_SWITCH(compute, compute_t, [&] {
+    row_norms_kernel<compute_t>(a.const_data_ptr<compute_t>(), m, a.size(1), sq_v.data(), inv_v.data());
   });
   const double* sq = sq_v.data();
   const double* inv = inv_v.data();
@@ -109,9 +114,9 @@ at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Te
       const int64_t ti = std::min(tile, m - i0), tj = std::min(tile, m - j0);
       at::Tensor g = gram.narrow(0, 0, ti * tj).view({ti, tj});
       at::mm_out(g, a.narrow(0, i0, ti), a.narrow(0, j0, tj).t());
-      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_stats_cpu", [&] {
-        reduce_tile<scalar_t>(g.const_data_ptr<scalar_t>(), ti, tj, i0, j0, i0 == j0, sq, inv, var, params,
-                              job_acc.data() + b * kNumFields);
+      COLLAPSE_FLOAT_SWITCH(compute, compute_t, [&] {
+        reduce_tile_kernel<compute_t>(g.const_data_ptr<compute_t>(), ti, tj, i0, j0, i0 == j0, sq, inv, var, params,
+                                      job_acc.data() + b * kNumFields);
       });
     }
   });

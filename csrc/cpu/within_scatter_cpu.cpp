@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "../common.h"
 #include "../within_scatter.h"
 
 namespace collapse_ext {
@@ -35,24 +36,17 @@ void within_scatter_kernel(const scalar_t* x, int64_t row_stride, const label_t*
         continue;
       }
       const double* mean = means + k * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<compute_t>(static_cast<double>(row[j]) - mean[j]);
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<compute_t>(to_double(row[j]) - mean[j]);
     }
   });
 }
 
 void centre_chunk_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu, int64_t start,
                       int64_t rows, at::Tensor& buffer) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "within_scatter_cpu", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "within_scatter_cpu", [&] {
-      const scalar* px = x.const_data_ptr<scalar>() + start * x.stride(0);
-      const index_t* py = y.const_data_ptr<index_t>() + start;
-      const double* pm = mu.const_data_ptr<double>();
-      if (buffer.scalar_type() == at::kDouble)
-        within_scatter_kernel(px, x.stride(0), py, pm, mu.size(0), rows, x.size(1), buffer.data_ptr<double>());
-      else
-        within_scatter_kernel(px, x.stride(0), py, pm, mu.size(0), rows, x.size(1), buffer.data_ptr<float>());
-    });
+  COLLAPSE_DISPATCH_FEATURES_LABELS(x.scalar_type(), y.scalar_type(), "within_scatter_cpu", [&] {
+    within_scatter_kernel(x.const_data_ptr<scalar_t>() + start * x.stride(0), x.stride(0),
+                          y.const_data_ptr<label_t>() + start, mu.const_data_ptr<double>(), mu.size(0), rows,
+                          x.size(1), buffer.data_ptr<compute_type<scalar_t>>());
   });
 }
 

@@ -13,10 +13,8 @@
 //      the (K, d) sums with atomics and writes the new classes' means rows, else zeroes
 //      `centred`.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <math_constants.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -25,6 +23,7 @@
 #include <tuple>
 
 #include "../class_accumulate.h"
+#include "../common.h"
 #include "reduce.cuh"
 
 namespace collapse_ext {
@@ -32,11 +31,6 @@ namespace {
 
 constexpr int kThreads = 128;
 using ull = unsigned long long;
-
-template <typename scalar_t>
-__device__ __forceinline__ double to_double(scalar_t v) {
-  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
-}
 
 template <typename label_t>
 __global__ void first_rows_kernel(const label_t* __restrict__ y, int64_t n, int64_t num_classes,
@@ -144,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& featu
                                                          const at::Tensor& counts, at::Tensor& means,
                                                          at::Tensor& pending, at::Tensor& sums, at::Tensor& sqsums,
                                                          double limit) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  COLLAPSE_DEVICE_GUARD(features);
   auto a = class_accumulate_args(features, labels, counts, means, pending, sums, sqsums);
   const int64_t n = a.n, d = a.d, k = a.num_classes;
   auto opts = a.x.options().dtype(at::kLong);
@@ -160,41 +154,32 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& featu
     const int64_t fresh_rows = std::min(n, k);  // at most one per row or class
     auto fresh_sum = at::zeros({fresh_rows, d}, a.x.options().dtype(at::kDouble));
     auto fresh_count = at::zeros({fresh_rows}, a.x.options().dtype(at::kDouble));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "class_accumulate_cuda", [&] {
-      using scalar = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(a.y.scalar_type(), "class_accumulate_cuda", [&] {
-        using label = index_t;
-        first_rows_kernel<label><<<label_blocks, 256, 0, stream>>>(
-            a.y.const_data_ptr<label>(), n, k, counts.const_data_ptr<int64_t>(), pending.const_data_ptr<int64_t>(),
-            first.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
+    COLLAPSE_DISPATCH_FEATURES_LABELS(a.x.scalar_type(), a.y.scalar_type(), "class_accumulate_cuda", [&] {
+      const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+      const label_t* y = a.y.const_data_ptr<label_t>();
+      first_rows_kernel<label_t><<<label_blocks, 256, 0, stream>>>(y, n, k, counts.const_data_ptr<int64_t>(),
+                                                                   pending.const_data_ptr<int64_t>(),
+                                                                   first.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto slot = (first < n).to(at::kLong).cumsum(0).sub_(1).contiguous();
+      fresh_sums_kernel<scalar_t, label_t><<<row_blocks, kThreads, 0, stream>>>(
+          x, a.x.stride(0), y, n, d, k, first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(),
+          fresh_sum.data_ptr<double>(), fresh_count.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto fresh = fresh_sum.div(fresh_count.clamp_min(1.0).unsqueeze(1)).to(means.scalar_type()).contiguous();
+      COLLAPSE_FLOAT_SWITCH(means.scalar_type(), state_t, [&] {
+        compute_type<scalar_t>* centred = a.centred.data_ptr<compute_type<scalar_t>>();
+        centre_kernel<<<row_blocks, kThreads, 0, stream>>>(
+            x, a.x.stride(0), y, n, d, k, first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(),
+            means.const_data_ptr<state_t>(), fresh.const_data_ptr<state_t>(), centred, sq.data_ptr<double>(),
+            flags.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const auto slot = (first < n).to(at::kLong).cumsum(0).sub_(1).contiguous();
-        fresh_sums_kernel<scalar, label><<<row_blocks, kThreads, 0, stream>>>(
-            a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d, k,
-            first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), fresh_sum.data_ptr<double>(),
-            fresh_count.data_ptr<double>());
+        accumulate_kernel<<<row_blocks, kThreads, 0, stream>>>(
+            x, a.x.stride(0), y, n, d, first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(),
+            fresh.const_data_ptr<state_t>(), sq.const_data_ptr<double>(), flags.const_data_ptr<int64_t>(), limit,
+            means.data_ptr<state_t>(), pending.data_ptr<int64_t>(), sums.data_ptr<state_t>(),
+            sqsums.data_ptr<double>(), centred);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const auto fresh = fresh_sum.div(fresh_count.clamp_min(1.0).unsqueeze(1)).to(means.scalar_type()).contiguous();
-        AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "class_accumulate_cuda", [&] {
-          using state = scalar_t;
-          auto run = [&](auto* centred) {
-            centre_kernel<<<row_blocks, kThreads, 0, stream>>>(
-                a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d, k,
-                first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), means.const_data_ptr<state>(),
-                fresh.const_data_ptr<state>(), centred, sq.data_ptr<double>(), flags.data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            accumulate_kernel<<<row_blocks, kThreads, 0, stream>>>(
-                a.x.const_data_ptr<scalar>(), a.x.stride(0), a.y.const_data_ptr<label>(), n, d,
-                first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(), fresh.const_data_ptr<state>(),
-                sq.const_data_ptr<double>(), flags.const_data_ptr<int64_t>(), limit, means.data_ptr<state>(),
-                pending.data_ptr<int64_t>(), sums.data_ptr<state>(), sqsums.data_ptr<double>(), centred);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          };
-          if (a.centred.scalar_type() == at::kDouble)
-            run(a.centred.data_ptr<double>());
-          else
-            run(a.centred.data_ptr<float>());
-        });
       });
     });
   }

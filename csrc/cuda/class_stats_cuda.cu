@@ -2,17 +2,19 @@
 // deviations about those means, in two passes over the batch, accumulated in float64
 // (see csrc/cpu/class_stats_cpu.cpp for why).
 //
-// Pass 1 (sums): a block owns 32 columns x a range of rows. With few classes it keeps
-// the (K, 32) partial sums in shared memory and flushes them with one global atomic
-// each; with many classes it adds straight into global memory (the same atomics
-// index_add_ issues). Pass 2 (squares): one warp per row, coalesced over d, a warp
-// reduction, then one atomic per row into a per-block (K,) shared array.
-// Labels outside [0, K) are skipped; the Python wrapper validates them.
+// Pass 1, class_sums_kernel: a block owns 32 columns x a range of rows and adds them into
+// the (K, d) sums; the blocks of the first column tile also count the rows per class.
+// When the block's (K, 32) partial sums fit in shared memory it keeps them there and
+// flushes each with one global atomic; otherwise it adds straight into global memory
+// (the same atomics index_add_ issues). The sums are then divided by the counts on the
+// stream. Pass 2, class_sqdev_kernel: one warp per row, coalesced over d, a warp
+// reduction, then one atomic per row into a per-block (K,) shared array when K doubles
+// fit, else straight into the global (K,) sums.
+// Labels outside [0, K) are skipped, not checked: callers validate them (the class_stats
+// wrapper in collapse_ext/_ops.py says so), as on the CPU.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -20,6 +22,7 @@
 #include <tuple>
 
 #include "../class_stats.h"
+#include "../common.h"
 #include "reduce.cuh"
 
 namespace collapse_ext {
@@ -28,11 +31,6 @@ namespace {
 constexpr int kTileCols = 32;
 constexpr int kRowLanes = 8;
 constexpr int64_t kSharedBytes = 48 * 1024;
-
-template <typename scalar_t>
-__device__ __forceinline__ double to_double(scalar_t v) {
-  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
-}
 
 template <typename scalar_t, typename label_t, bool kShared>
 __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
@@ -107,53 +105,40 @@ __global__ void class_sqdev_kernel(const scalar_t* __restrict__ x, int64_t row_s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cuda(const at::Tensor& features,
                                                                 const at::Tensor& labels,
                                                                 int64_t num_classes) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  COLLAPSE_DEVICE_GUARD(features);
   auto a = class_stats_args(features, labels, num_classes);
-  const at::Tensor &x = a.x, &y = a.y;
-  at::Tensor &counts = a.counts, &means = a.means, &sqdev = a.sqdev;
   const int64_t n = a.n, d = a.d;
-  if (n == 0) return {counts, means, sqdev};
+  if (n == 0) return {a.counts, a.means, a.sqdev};
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t col_tiles = std::max<int64_t>(1, (d + kTileCols - 1) / kTileCols);
   const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, (4 * sms + col_tiles - 1) / col_tiles));
   const int64_t rows_per_block = (n + row_blocks - 1) / row_blocks;
+  const dim3 sum_grid(col_tiles, row_blocks), sum_block(kTileCols, kRowLanes);
   const int64_t sum_shared = num_classes * kTileCols * sizeof(double);
-  const int64_t sq_shared = num_classes * sizeof(double);
   constexpr int kSqThreads = 256;
   const int64_t sq_blocks = std::max<int64_t>(1, std::min<int64_t>((n + 7) / 8, 8 * sms));
+  const int64_t sq_shared = num_classes * sizeof(double);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_stats_cuda", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "class_stats_cuda", [&] {
-      const dim3 block(kTileCols, kRowLanes);
-      const dim3 grid(col_tiles, row_blocks);
-      if (sum_shared <= kSharedBytes) {
-        class_sums_kernel<scalar, index_t, true><<<grid, block, sum_shared, stream>>>(
-            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
-            num_classes, rows_per_block, means.data_ptr<double>(), counts.data_ptr<int64_t>());
-      } else {
-        class_sums_kernel<scalar, index_t, false><<<grid, block, 0, stream>>>(
-            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
-            num_classes, rows_per_block, means.data_ptr<double>(), counts.data_ptr<int64_t>());
-      }
+  COLLAPSE_DISPATCH_FEATURES_LABELS(a.x.scalar_type(), a.y.scalar_type(), "class_stats_cuda", [&] {
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const label_t* y = a.y.const_data_ptr<label_t>();
+    COLLAPSE_BOOL_SWITCH(sum_shared <= kSharedBytes, kShared, [&] {
+      class_sums_kernel<scalar_t, label_t, kShared><<<sum_grid, sum_block, kShared ? sum_shared : 0, stream>>>(
+          x, a.x.stride(0), y, n, d, num_classes, rows_per_block, a.means.data_ptr<double>(),
+          a.counts.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      means.div_(counts.clamp_min(1).unsqueeze(1).to(at::kDouble));
-      if (d == 0) return;
-      if (sq_shared <= kSharedBytes) {
-        class_sqdev_kernel<scalar, index_t, true><<<sq_blocks, kSqThreads, sq_shared, stream>>>(
-            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
-            num_classes, means.const_data_ptr<double>(), sqdev.data_ptr<double>());
-      } else {
-        class_sqdev_kernel<scalar, index_t, false><<<sq_blocks, kSqThreads, 0, stream>>>(
-            x.const_data_ptr<scalar>(), x.stride(0), y.const_data_ptr<index_t>(), n, d,
-            num_classes, means.const_data_ptr<double>(), sqdev.data_ptr<double>());
-      }
+    });
+    a.means.div_(a.counts.clamp_min(1).unsqueeze(1).to(at::kDouble));
+    if (d == 0) return;
+    COLLAPSE_BOOL_SWITCH(sq_shared <= kSharedBytes, kShared, [&] {
+      class_sqdev_kernel<scalar_t, label_t, kShared><<<sq_blocks, kSqThreads, kShared ? sq_shared : 0, stream>>>(
+          x, a.x.stride(0), y, n, d, num_classes, a.means.const_data_ptr<double>(), a.sqdev.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {counts, means, sqdev};
+  return {a.counts, a.means, a.sqdev};
 }
 
 }  // namespace

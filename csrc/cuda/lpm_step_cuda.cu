@@ -9,13 +9,12 @@
 // Y in place and keeps shared memory at 2 * 2Kp + K^2 + K numbers (K = p = 64 in
 // float64: 160 KiB).
 // Arithmetic in at::opmath_type<scalar_t>; block reductions in a fixed order, so results
-// are deterministic. The iteration is documented in collapse_ext/_ops.py (lpm_step) and
-// written out plainly in collapse_ext/reference.py (lpm_step_reference).
+// are deterministic. The row loss and the projected step are csrc/lpm_step.h's, shared
+// with the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -23,6 +22,7 @@
 #include <climits>
 #include <string_view>
 
+#include "../common.h"
 #include "../lpm_step.h"
 #include "reduce.cuh"
 
@@ -38,36 +38,10 @@ constexpr int64_t kMaxEntries = int64_t(kMaxThreads) * kMaxPerThread;  // 2 K p
 // this thread's share of the objective (rows it transformed). Ends with a barrier.
 template <typename acc_t>
 __device__ acc_t logit_grad(const acc_t* x, const acc_t* c, int K, int p, LpmLoss loss, acc_t* G) {
-  const acc_t* w = x;
-  const acc_t* h = x + K * p;
-  for (int idx = threadIdx.x; idx < K * K; idx += blockDim.x) {
-    const int k = idx / K, j = idx % K;
-    acc_t s = 0;
-    for (int q = 0; q < p; ++q) s += h[k * p + q] * w[j * p + q];
-    G[idx] = s;
-  }
+  for (int idx = threadIdx.x; idx < K * K; idx += blockDim.x) G[idx] = lpm::logit(x, K, p, idx / K, idx % K);
   __syncthreads();
   acc_t objective = 0;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    acc_t* z = G + k * K;
-    if (loss == LpmLoss::kCrossEntropy) {
-      acc_t m = z[0];
-      for (int j = 1; j < K; ++j) m = max(m, z[j]);
-      const acc_t zk = z[k];
-      acc_t sum = 0;
-      for (int j = 0; j < K; ++j) sum += (z[j] = exp(z[j] - m));
-      objective += c[k] * (m + log(sum) - zk);
-      for (int j = 0; j < K; ++j) z[j] = c[k] * (z[j] / sum - (j == k ? acc_t(1) : acc_t(0)));
-    } else {
-      acc_t sq = 0;
-      for (int j = 0; j < K; ++j) {
-        const acc_t r = z[j] - (j == k ? acc_t(1) : acc_t(0));
-        sq += r * r;
-        z[j] = c[k] * r;
-      }
-      objective += c[k] * acc_t(0.5) * sq;
-    }
-  }
+  for (int k = threadIdx.x; k < K; k += blockDim.x) objective += lpm::row_loss(G + k * K, K, k, c[k], loss);
   __syncthreads();
   return objective;
 }
@@ -88,10 +62,30 @@ __device__ __forceinline__ acc_t param_grad(const acc_t* x, const acc_t* G, int 
   return g;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t ball_scale(acc_t norm_sq, acc_t radius_sq) {
-  return norm_sq > radius_sq ? sqrt(radius_sq / norm_sq) : acc_t(1);
-}
+// The entries of lpm::projected_step on CUDA: thread i of the block owns entries
+// e = i + r * blockDim.x (r < kPerThread) and keeps Y and T there in registers; the
+// gradient is formed per entry from Y in shared memory (`point`) and G, and an
+// instance-wide sum is a block reduction.
+template <typename acc_t, int kPerThread>
+struct ThreadEntries {
+  acc_t y[kPerThread];
+  acc_t t[kPerThread];
+  const acc_t* point;
+  const acc_t* G;
+  acc_t* scratch;
+  int K, p, n;
+
+  template <typename F>
+  __device__ __forceinline__ void for_each(F f) {
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const int e = threadIdx.x + r * blockDim.x;
+      if (e < n) f(e, y[r], t[r]);
+    }
+  }
+  __device__ __forceinline__ acc_t grad(int e) const { return param_grad(point, G, K, p, e); }
+  __device__ __forceinline__ acc_t sum(acc_t v) { return block_sum(v, scratch); }
+};
 
 // kPerThread: the entries of X a thread owns (registers for Y and the trial point). Small
 // instances use 4 so that many blocks fit on an SM; large ones (2Kp > 4 * 512) use 16.
@@ -120,53 +114,32 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
   acc_t theta = P.theta[b];
   __syncthreads();
 
-  acc_t y[kPerThread], t[kPerThread];
-  for (int64_t it = 0; it < P.num_iters; ++it) {
-    const acc_t theta_next = P.momentum ? (1 + sqrt(1 + 4 * theta * theta)) / 2 : theta;
-    const acc_t beta = P.momentum ? (theta - 1) / theta_next : acc_t(0);
+  // Read once into locals, which the lambdas below capture instead of the kernel parameter.
+  const bool momentum = P.momentum;
+  const LpmLoss loss = P.loss;
+  ThreadEntries<acc_t, kPerThread> entries;
+  entries.G = G;
+  entries.scratch = scratch;
+  entries.K = K;
+  entries.p = p;
+  entries.n = n;
+  for (int64_t it = 0, iters = P.num_iters; it < iters; ++it) {
+    const acc_t theta_next = momentum ? lpm::next_theta(theta) : theta;
+    const acc_t beta = momentum ? (theta - 1) / theta_next : acc_t(0);
     // Y = X + beta (X - X_prev) replaces X_prev (its last use); without momentum Y = X
     // and X_prev only receives the new iterate below.
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * blockDim.x;
-      if (e < n) {
-        y[i] = P.momentum ? x[e] + beta * (x[e] - xp[e]) : x[e];
-        if (P.momentum) xp[e] = y[i];
-      }
-    }
+    entries.for_each([&](int e, acc_t& y, acc_t&) {
+      y = momentum ? x[e] + beta * (x[e] - xp[e]) : x[e];
+      if (momentum) xp[e] = y;
+    });
     __syncthreads();
-    const acc_t* yy = P.momentum ? xp : x;
-    logit_grad(yy, c, K, p, P.loss, G);
-    acc_t nw = 0, nh = 0;
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * blockDim.x;
-      if (e < n) {
-        t[i] = y[i] - eta * param_grad(yy, G, K, p, e);
-        (e < kp ? nw : nh) += t[i] * t[i];
-      }
-    }
-    nw = block_sum(nw, scratch);
-    nh = block_sum(nh, scratch);
-    const acc_t sw = ball_scale(nw, rw), sh = ball_scale(nh, rh);
-    acc_t dot = 0;
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * blockDim.x;
-      if (e < n) {
-        t[i] *= e < kp ? sw : sh;
-        dot += (y[i] - t[i]) * (t[i] - x[e]);
-      }
-    }
-    // The reduction's barriers also order every read of Y above before the writes below.
-    if (P.momentum) dot = block_sum(dot, scratch);
+    entries.point = momentum ? xp : x;
+    logit_grad(entries.point, c, K, p, loss, G);
+    const acc_t dot = lpm::projected_step(entries, x, kp, eta, rw, rh, momentum);
+    // Every read of Y (shared, for the gradient) before the writes below.
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * blockDim.x;
-      if (e < n) xp[e] = t[i];
-    }
-    if (P.momentum) theta = dot > 0 ? acc_t(1) : theta_next;
+    entries.for_each([&](int e, acc_t&, acc_t& t) { xp[e] = t; });
+    if (momentum) theta = dot > 0 ? acc_t(1) : theta_next;
     // xp now holds the new iterate: swap names so x is the new one, xp the previous.
     acc_t* tmp = x;
     x = xp;
@@ -174,29 +147,11 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
     __syncthreads();
   }
 
-  acc_t objective = block_sum(logit_grad(x, c, K, p, P.loss, G), scratch);
-  acc_t nw = 0, nh = 0;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int e = threadIdx.x + i * blockDim.x;
-    if (e < n) {
-      t[i] = x[e] - eta * param_grad(x, G, K, p, e);
-      (e < kp ? nw : nh) += t[i] * t[i];
-    }
-  }
-  nw = block_sum(nw, scratch);
-  nh = block_sum(nh, scratch);
-  const acc_t sw = ball_scale(nw, rw), sh = ball_scale(nh, rh);
-  acc_t pg = 0;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int e = threadIdx.x + i * blockDim.x;
-    if (e < n) {
-      const acc_t d = x[e] - t[i] * (e < kp ? sw : sh);
-      pg += d * d;
-    }
-  }
-  pg = block_sum(pg, scratch);
+  // One more step from X gives the objective and the projected-gradient residual.
+  entries.point = x;
+  const acc_t objective = block_sum(logit_grad(x, c, K, p, loss, G), scratch);
+  entries.for_each([&](int e, acc_t& y, acc_t&) { y = x[e]; });
+  const acc_t dot = lpm::projected_step(entries, x, kp, eta, rw, rh, true);
   for (int e = threadIdx.x; e < kp; e += blockDim.x) {
     P.W_out[b * kp + e] = x[e];
     P.H_out[b * kp + e] = x[kp + e];
@@ -206,7 +161,7 @@ __global__ void __launch_bounds__(kMaxThreads) lpm_step_kernel(const LpmStepPara
   if (threadIdx.x == 0) {
     P.theta_out[b] = theta;
     P.objective[b] = objective;
-    P.pg_norm[b] = sqrt(pg) / eta;
+    P.pg_norm[b] = sqrt(acc_t(0) - dot) / eta;  // 0 - dot: +0, never -0, at a fixed point
   }
 }
 
@@ -214,6 +169,7 @@ LpmStepResult lpm_step_cuda(const at::Tensor& W, const at::Tensor& H, const at::
                             const at::Tensor& H_prev, const at::Tensor& theta, const at::Tensor& weights,
                             const at::Tensor& E_W, const at::Tensor& E_H, const at::Tensor& step,
                             int64_t num_iters, c10::string_view loss, bool momentum) {
+  COLLAPSE_DEVICE_GUARD(W);
   check_lpm_step(W, H, W_prev, H_prev, theta, weights, E_W, E_H, step, num_iters);
   const LpmLoss loss_kind = parse_lpm_loss(std::string_view(loss.data(), loss.size()));
   const int64_t B = W.size(0), K = W.size(1), p = W.size(2);
@@ -221,7 +177,6 @@ LpmStepResult lpm_step_cuda(const at::Tensor& W, const at::Tensor& H, const at::
               "lpm_step on CUDA keeps an instance in shared memory and registers: it needs K * p <= ",
               kMaxEntries / 2, " (e.g. K = p = 64), got K = ", K, ", p = ", p);
   TORCH_CHECK(B <= INT_MAX, "lpm_step on CUDA runs one block per instance: B must be <= ", INT_MAX, ", got ", B);
-  const c10::cuda::CUDAGuard guard(W.device());
   const auto in = lpm_step_inputs({W, H, W_prev, H_prev, theta, weights, E_W, E_H, step});
   const auto out = lpm_step_outputs(W);
   if (B == 0) return lpm_step_result(out);

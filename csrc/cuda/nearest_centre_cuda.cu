@@ -9,10 +9,8 @@
 // compares, ties to the lowest index) assigns each row and counts with one atomic per block.
 // fp32 products honour torch.backends.cuda.matmul.allow_tf32.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -21,6 +19,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../common.h"
 #include "../nearest_centre.h"
 #include "reduce.cuh"
 
@@ -39,21 +38,19 @@ __global__ void shift_rows_kernel(const scalar_t* __restrict__ x, int64_t row_st
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
          j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const double v = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(x[i * row_stride + j]));
-      out[i * d + j] = static_cast<compute_t>(v - centre[j]);
+      out[i * d + j] = static_cast<compute_t>(to_double(x[i * row_stride + j]) - centre[j]);
     }
   }
 }
 
-// (value, index) arg-reduction across a warp; index < 0 means "nothing yet" and loses.
-// The order (smaller value wins, then smaller index) is total, so the butterfly gives
-// every lane the same winner: the lowest index among exact ties, as on the CPU.
+// (value, index) arg-reduction across a warp in the order of argmin_takes, which is
+// total, so the butterfly gives every lane the same winner, as on the CPU.
 __device__ __forceinline__ void warp_argmin(double& value, int64_t& index) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const double v = __shfl_xor_sync(0xffffffffu, value, offset);
     const int64_t i = __shfl_xor_sync(0xffffffffu, index, offset);
-    if (i >= 0 && (index < 0 || v < value || (v == value && i < index))) value = v, index = i;
+    if (argmin_takes(v, i, value, index)) value = v, index = i;
   }
 }
 
@@ -107,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cuda(const at::Tensor& feature
                                                        const std::optional<at::Tensor>& weight,
                                                        const std::optional<at::Tensor>& bias,
                                                        const std::optional<at::Tensor>& present, bool assignments) {
+  COLLAPSE_DEVICE_GUARD(features);
   check_nearest_centre_inputs(features, labels, means, weight, bias, present);
-  const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), d = features.size(1), k = means.size(0);
-  const auto compute = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto compute = compute_dtype(features.scalar_type());
   auto counts = at::zeros({3}, features.options().dtype(at::kLong));
   auto assigned = at::full({assignments ? n : 0}, -1, features.options().dtype(at::kLong));
   if (n == 0 || k == 0) return {counts, assigned};
@@ -130,31 +127,23 @@ std::tuple<at::Tensor, at::Tensor> nearest_centre_cuda(const at::Tensor& feature
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t rows = std::min(chunk, n - start);
     at::Tensor h = shifted.narrow(0, 0, rows), s = products.narrow(0, 0, rows);
-    if (d > 0) {
-      const dim3 grid(std::min<int64_t>((d + kThreads - 1) / kThreads, 64), std::min<int64_t>(rows, 65535));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nearest_centre_cuda", [&] {
-        const scalar_t* px = x.const_data_ptr<scalar_t>() + start * x.stride(0);
-        const double* centre = setup.centre.const_data_ptr<double>();
-        if (compute == at::kDouble)
-          shift_rows_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), centre, rows, d, h.data_ptr<double>());
-        else
-          shift_rows_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), centre, rows, d, h.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    at::mm_out(s, h, setup.stacked.t());
     const int blocks = static_cast<int>(std::min<int64_t>((rows + kWarps - 1) / kWarps, 8192));
-    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "nearest_centre_cuda", [&] {
-      using compute_t = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "nearest_centre_cuda", [&] {
-        const compute_t* ps = s.const_data_ptr<compute_t>();
-        assign_kernel<compute_t, index_t><<<blocks, kThreads, 0, stream>>>(
-            ps, has_weight ? ps + k : nullptr, cols, setup.mu_sq.const_data_ptr<double>(),
-            has_weight ? setup.shift.const_data_ptr<double>() : nullptr,
-            y.const_data_ptr<index_t>() + start, rows, k, assignments ? assigned.data_ptr<int64_t>() + start : nullptr,
-            total);
+    COLLAPSE_DISPATCH_FEATURES_LABELS(x.scalar_type(), y.scalar_type(), "nearest_centre_cuda", [&] {
+      using compute_t = compute_type<scalar_t>;
+      if (d > 0) {
+        const dim3 grid(std::min<int64_t>((d + kThreads - 1) / kThreads, 64), std::min<int64_t>(rows, 65535));
+        shift_rows_kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>() + start * x.stride(0),
+                                                         x.stride(0), setup.centre.const_data_ptr<double>(), rows,
+                                                         d, h.data_ptr<compute_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      }
+      at::mm_out(s, h, setup.stacked.t());
+      const compute_t* ps = s.const_data_ptr<compute_t>();
+      assign_kernel<compute_t, label_t><<<blocks, kThreads, 0, stream>>>(
+          ps, has_weight ? ps + k : nullptr, cols, setup.mu_sq.const_data_ptr<double>(),
+          has_weight ? setup.shift.const_data_ptr<double>() : nullptr, y.const_data_ptr<label_t>() + start, rows, k,
+          assignments ? assigned.data_ptr<int64_t>() + start : nullptr, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return {counts, assigned};

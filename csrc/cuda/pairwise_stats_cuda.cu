@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -19,6 +18,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "../common.h"
 #include "../pairwise_stats.h"
 #include "reduce.cuh"
 
@@ -72,10 +72,7 @@ __global__ void reduce_tile_kernel(const compute_t* __restrict__ gram, int64_t t
     const int f = threadIdx.x;
     double* slot = slots + static_cast<int64_t>(blockIdx.x) * kNumFields;
     double v = slot[f];
-    for (int w = 0; w < kWarps; ++w) {
-      const double s = scratch[f][w];
-      v = pairwise::is_min(f) ? pairwise::lo(v, s) : (pairwise::is_max(f) ? pairwise::hi(v, s) : v + s);
-    }
+    for (int w = 0; w < kWarps; ++w) v = pairwise::fold(f, v, scratch[f][w]);
     slot[f] = v;
   }
 }
@@ -111,18 +108,15 @@ __global__ void init_slots_kernel(double* slots, int64_t count) {
 __global__ void fold_slots_kernel(const double* __restrict__ slots, int64_t count, double* __restrict__ out) {
   const int f = threadIdx.x;
   if (f >= kNumFields) return;
-  double v = pairwise::is_min(f) ? INFINITY : (pairwise::is_max(f) ? -INFINITY : 0.0);
-  for (int64_t b = 0; b < count; ++b) {
-    const double s = slots[b * kNumFields + f];
-    v = pairwise::is_min(f) ? pairwise::lo(v, s) : (pairwise::is_max(f) ? pairwise::hi(v, s) : v + s);
-  }
+  double v = pairwise::identity(f);
+  for (int64_t b = 0; b < count; ++b) v = pairwise::fold(f, v, slots[b * kNumFields + f]);
   out[f] = v;
 }
 
 at::Tensor pairwise_stats_cuda(const at::Tensor& rows, const std::optional<at::Tensor>& variances,
                                const std::optional<at::Tensor>& subset, double riesz_s, double cdnv_p) {
+  COLLAPSE_DEVICE_GUARD(rows);
   check_pairwise_inputs(rows, variances, subset, riesz_s, cdnv_p);
-  const c10::cuda::CUDAGuard guard(rows.device());
   const auto selected = pairwise_rows(rows, variances, subset);
   const at::Tensor &a = selected.first, &v = selected.second;
   const auto compute = a.scalar_type();
@@ -138,9 +132,9 @@ at::Tensor pairwise_stats_cuda(const at::Tensor& rows, const std::optional<at::T
     auto sq_t = at::empty({m}, rows.options().dtype(at::kDouble));
     auto inv_t = at::empty({m}, rows.options().dtype(at::kDouble));
     const int norm_blocks = static_cast<int>(std::min<int64_t>((m + kWarps - 1) / kWarps, 4096));
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pairwise_stats_cuda", [&] {
-      row_norms_kernel<scalar_t><<<norm_blocks, kThreads, 0, stream>>>(a.const_data_ptr<scalar_t>(), m, a.size(1),
-                                                                        sq_t.data_ptr<double>(), inv_t.data_ptr<double>());
+    COLLAPSE_FLOAT_SWITCH(compute, compute_t, [&] {
+      row_norms_kernel<compute_t><<<norm_blocks, kThreads, 0, stream>>>(
+          a.const_data_ptr<compute_t>(), m, a.size(1), sq_t.data_ptr<double>(), inv_t.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const double eps = compute == at::kDouble ? std::numeric_limits<double>::epsilon()
@@ -156,9 +150,9 @@ at::Tensor pairwise_stats_cuda(const at::Tensor& rows, const std::optional<at::T
         // A partial tile is a contiguous (ti, tj) prefix of the same buffer.
         at::Tensor g = gram.view({-1}).narrow(0, 0, ti * tj).view({ti, tj});
         at::mm_out(g, ai, a.narrow(0, j0, tj).t());
-        AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_stats_cuda", [&] {
-          reduce_tile_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-              g.const_data_ptr<scalar_t>(), ti, tj, i0, j0, i0 == j0, sq_t.const_data_ptr<double>(),
+        COLLAPSE_FLOAT_SWITCH(compute, compute_t, [&] {
+          reduce_tile_kernel<compute_t><<<blocks, kThreads, 0, stream>>>(
+              g.const_data_ptr<compute_t>(), ti, tj, i0, j0, i0 == j0, sq_t.const_data_ptr<double>(),
               inv_t.const_data_ptr<double>(), v.defined() ? v.const_data_ptr<double>() : nullptr, params,
               slots.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

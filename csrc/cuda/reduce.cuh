@@ -41,10 +41,4 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return warp_sum(v);
 }
 
-// Converts any stored float type to the accumulation type.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load_as(const scalar_t* p) {
-  return static_cast<acc_t>(*p);
-}
-
 }  // namespace collapse_ext

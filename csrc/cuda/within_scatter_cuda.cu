@@ -7,16 +7,15 @@
 // fp32 products honour torch.backends.cuda.matmul.allow_tf32 (off by default): with
 // TF32 on, the scatter is only TF32-accurate.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 
+#include "../common.h"
 #include "../within_scatter.h"
 
 namespace collapse_ext {
@@ -35,8 +34,7 @@ __global__ void within_scatter_kernel(const scalar_t* __restrict__ x, int64_t ro
     const bool valid = k >= 0 && k < num_classes;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
          j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const double v = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(x[i * row_stride + j]));
-      out[i * d + j] = valid ? static_cast<compute_t>(v - means[k * d + j]) : compute_t(0);
+      out[i * d + j] = valid ? static_cast<compute_t>(to_double(x[i * row_stride + j]) - means[k * d + j]) : compute_t(0);
     }
   }
 }
@@ -46,26 +44,17 @@ void centre_chunk_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tenso
   const int64_t d = x.size(1);
   const dim3 grid(std::min<int64_t>((d + kThreads - 1) / kThreads, 64), std::min<int64_t>(rows, 65535));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "within_scatter_cuda", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "within_scatter_cuda", [&] {
-      const scalar* px = x.const_data_ptr<scalar>() + start * x.stride(0);
-      const index_t* py = y.const_data_ptr<index_t>() + start;
-      const double* pm = mu.const_data_ptr<double>();
-      if (buffer.scalar_type() == at::kDouble)
-        within_scatter_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, pm, mu.size(0), rows, d,
-                                                             buffer.data_ptr<double>());
-      else
-        within_scatter_kernel<<<grid, kThreads, 0, stream>>>(px, x.stride(0), py, pm, mu.size(0), rows, d,
-                                                             buffer.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  COLLAPSE_DISPATCH_FEATURES_LABELS(x.scalar_type(), y.scalar_type(), "within_scatter_cuda", [&] {
+    within_scatter_kernel<<<grid, kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>() + start * x.stride(0), x.stride(0), y.const_data_ptr<label_t>() + start,
+        mu.const_data_ptr<double>(), mu.size(0), rows, d, buffer.data_ptr<compute_type<scalar_t>>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 at::Tensor within_scatter_cuda(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& means,
                                const std::optional<at::Tensor>& basis) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  COLLAPSE_DEVICE_GUARD(features);
   return within_scatter_chunked(features, labels, means, basis, kChunkBytes, kMinRows, centre_chunk_cuda);
 }
 
