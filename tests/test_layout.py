@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_LINES = 400
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_C", "_ops", "_validate", "_version", "_build", "_build_config"),
+    ("_C", "_ops", "_validate", "_version", "_build"),
     ("stats",),
     ("metrics",),
     ("lpm", "theory", "reference"),
@@ -44,8 +44,8 @@ ALLOWED_UPWARD = {
 FACADE = len(LAYERS)  # collapse_ext/__init__.py
 LEAVES = {"integrations": "cli"}  # a leaf, and the one layer that may import it
 ORACLE = f"{PACKAGE}.reference"
-# Compiled or generated modules: importable names without a .py file in a checkout.
-NOT_PY = ("_C", "_build_config")
+# Compiled modules: importable names without a .py file in a checkout.
+NOT_PY = ("_C",)
 
 
 def _modules() -> dict[str, Path]:
