@@ -285,7 +285,9 @@ class ClassStats(StatePersistence, Mergeable):
             nf = n.double().clamp_min(1.0)
             t = take(self._t).double()
             mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
-            ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
+            # clamped: with a float32 state, t is rounded while q is not, so a class whose rows
+            # all sit on its shift (ss = 0) could come out at -1e-20 instead
+            ss = (take(self._ss) + take(self._q) - (t * t).sum(1) / nf).clamp_min_(0.0)
             if self._sw is not None:
                 self._flush_stage()
                 scaled = t / nf.sqrt().unsqueeze(1)
