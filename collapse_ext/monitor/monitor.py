@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import class_indices, flag, index, positive_int
+from .._validate import class_indices, flag, float_dtype, index, positive_int
 from ..metrics import CollapseMetrics, collapse_metrics, fit_separation_law
 from ..stats import ClassStats
 from .distributed import Distributed
@@ -70,6 +70,8 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
             flops per row and layer); False leaves NC4 to :meth:`evaluate`.
         check: ClassStats checking; None = ``"strict"`` on CPU, ``"deferred"`` (no host
             synchronisation) on CUDA.
+        state_dtype: dtype of each layer's two (K, d) ClassStats arrays: float64 (default)
+            or float32, half the memory at vocabulary-sized K (means rounded to float32).
         minority, minority_threshold: passed to :func:`~collapse_ext.metrics.collapse_metrics`.
         sync: merge statistics across ranks in ``compute()`` when torch.distributed is
             initialised; process_group: the group (default: the world).
@@ -80,6 +82,9 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
     the monitor. Use ``monitor.update(y)`` after each forward, or ``with monitor.collect(y):``
     around it (needed when one step runs several forwards).
     """
+
+    # NC4 tallies per class as well as in total (LMCollapseMonitor's frequency views)
+    _class_tallies = False
 
     def __init__(
         self,
@@ -96,6 +101,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         buffer_bytes: int = 8 << 20,
         train_ncc: bool = True,
         check: str | None = None,
+        state_dtype: torch.dtype = torch.float64,
         minority: Sequence[int] | None = None,
         minority_threshold: float = 0.5,
         sync: bool = True,
@@ -120,6 +126,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         if check not in (None, "strict", "deferred"):
             raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
         self.check = check
+        self.state_dtype = float_dtype(state_dtype, "state_dtype", (torch.float64, torch.float32))
         self.minority = None if minority is None else class_indices(minority, "minority", self.num_classes)
         threshold = minority_threshold
         if index(threshold) is None and not isinstance(threshold, float):
@@ -219,6 +226,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
                 minority=self.minority,
                 minority_threshold=self.minority_threshold,
                 ncc_tallies=tallies,
+                rtol=_rank_rtol(layer, stats),
             )
             if tallies is not None:
                 m.ncc_means = ncc_note
@@ -366,6 +374,17 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
             finally:
                 self._labels = None
         self._recording = False
+
+
+def _rank_rtol(layer: Any, stats: ClassStats) -> float | None:
+    """NC1's rank tolerance max(K', d) * eps at the precision of the layer's features and
+    means (float32 unless both are float64, then None: the float64 default): a direction
+    the features only leave by rounding (the normal of a LayerNorm's hyperplane) has a
+    between-class singular value ~eps32 * s_max, and its 1/s^2 would turn NC1 into noise."""
+    wide = layer.buf is None or layer.buf.dtype == torch.float64
+    if wide and stats.state_dtype == torch.float64:
+        return None
+    return min(0.5, max(int(stats.present.sum()), stats.dim) * torch.finfo(torch.float32).eps)
 
 
 def _default_unpack(batch: Any) -> tuple[Any, torch.Tensor]:
