@@ -154,6 +154,10 @@ class Hooks:
     def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._active() or PENULTIMATE not in self.layer_names:
             return
+        if isinstance(output, torch.Tensor) and output.dim() >= 2:
+            self._check_out_features(output.shape[-1], self.classifier_name)  # a lazy classifier's first forward
+        if self._session.layers[PENULTIMATE].means is None:
+            return  # no NC4 in this measurement (yet): the argmax is only its mismatch's input
         pred = self._predictions(output)
         if pred is None:
             return
