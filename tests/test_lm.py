@@ -363,9 +363,12 @@ def test_import_is_lazy():
 
 
 def test_lm_demo_runs(tmp_path, capsys):
-    path = tmp_path / "lm.jsonl"
-    assert main(["lm-demo", "--steps", "4", "--vocab", "64", "--every", "2", "--seed", "1", "--jsonl", str(path)]) == 0
+    path, plot = tmp_path / "lm.jsonl", tmp_path / "lm.png"
+    argv = ["lm-demo", "--steps", "4", "--vocab", "64", "--every", "2", "--seed", "1", "--jsonl", str(path)]
+    assert main([*argv, "--plot", str(plot)]) == 0
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == 2
     assert {"frequent", "tail"} <= set(lines[-1]["views"])
     assert "CDNV" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.jsonl", "lm.png"]  # no temporary file left
