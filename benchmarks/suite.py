@@ -24,4 +24,5 @@ CASES = [
     Case("metrics", "bench_metrics", quick=("--repeats", "1", "--max-k", "1000")),
     Case("monitor", "bench_monitor", quick=("--repeats", "1", "--in-dim", "256", "--widths", "256", "256")),
     Case("analyze", "bench_analyze", quick=("--n", "20000", "--d", "128", "--k", "10")),
+    Case("lm", "bench_lm", quick=("--quick",), takes_json=True),
 ]
