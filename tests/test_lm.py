@@ -233,7 +233,8 @@ def test_evaluate_is_exact_with_nc4_per_bucket():
 
 def test_views_have_nc4_in_training_from_the_previous_means():
     model = _model(4)
-    mon = LMCollapseMonitor(model, min_count=2)
+    assert not LMCollapseMonitor(model).train_ncc  # NC4 from evaluate() unless asked for
+    mon = LMCollapseMonitor(model, min_count=2, train_ncc=True)
     for epoch in range(2):
         with torch.no_grad():
             for ids, mask, labels in _batches(4):
@@ -320,7 +321,7 @@ def _lm_worker(rank, world, port, state, out):
 def _lm_epochs(model, shard=(0, 1)):
     """Two training epochs (the second with NC4 against the first's means) and an evaluate(),
     each process taking the batches i with i % world == rank."""
-    mon = LMCollapseMonitor(model, layers="all", min_count=2, tail=0.4)
+    mon = LMCollapseMonitor(model, layers="all", min_count=2, tail=0.4, train_ncc=True)
     batches = [b for i, b in enumerate(_batches(7) + _batches(8)) if i % shard[1] == shard[0]]
     results = []
     for _ in range(2):

@@ -94,9 +94,11 @@ class LMCollapseMonitor(CollapseMonitor):
 
     Defaults at vocabulary K: the state per layer is two (V, d) float64 arrays and, with
     ``within_cov="auto"`` (d <= 4096), the (d, d) S_W that NC1's trace ratio needs;
-    CDNV, GNC2 and the NC1 quotient need only the per-class sums. ``train_ncc=True``
-    counts NC4 against the previous ``compute()``'s means at 2 V d flops per token and
-    layer, tiled (O(N) memory); pass ``train_ncc=False`` on a large model.
+    CDNV, GNC2 and the NC1 quotient need only the per-class sums. NC4 comes from
+    :meth:`evaluate` (exact, with the final means): ``train_ncc`` is False by default here,
+    since counting NC4 during training against the previous ``compute()``'s means costs
+    2 V d flops per token and layer, as much as the output layer's forward (+10% of the
+    lm-demo's step); ``train_ncc=True`` turns it on (tiled, O(N) memory).
 
     Call ``monitor.update(input_ids, attention_mask=..., labels=...)`` after each forward,
     or run the forwards of a step inside ``with monitor.collect(input_ids, attention_mask,
@@ -147,7 +149,7 @@ class LMCollapseMonitor(CollapseMonitor):
             layers=self._block_layers(inner, layers),
             pool=_tokens,
             minority=[],
-            **kwargs,
+            **{"train_ncc": False, **kwargs},
         )
 
     @staticmethod
