@@ -60,4 +60,5 @@ CASES = [
         ),
         takes_json=True,
     ),
+    Case("lm", "bench_lm", quick=("--quick",), takes_json=True),
 ]

@@ -18,7 +18,14 @@ import math
 import os
 from typing import Any
 
-__all__ = ["embed_figures", "html_page", "observations", "plot_minority_collapse", "pyplot", "write_report"]
+__all__ = [
+    "embed_figures",
+    "html_page",
+    "observations",
+    "plot_minority_collapse",
+    "pyplot",
+    "write_report",
+]
 
 
 def pyplot():

@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lpm", "theory", "reference"),
     ("monitor", "loggers", "data"),
     ("integrations",),
-    ("io", "analyze", "report", "demo", "demo_report"),
+    ("io", "analyze", "report", "demo", "demo_report", "lm_report"),
     ("cli",),
 )
 # (importing module, imported module): why the import may go against the layer order. Each

@@ -305,6 +305,25 @@ def test_evaluate_two_passes_with_final_means():
         mon.evaluate(iter(loader))
 
 
+def test_nc1_of_layer_normed_features_drops_the_rounding_direction():
+    # LayerNorm without affine: every row sums to 0, so neither the class means nor the rows
+    # leave that hyperplane; in float32 its normal carries only rounding, whose 1/s^2 made NC1 noise
+    # (K' = 40 > d = 16: the normal is among the K' - 1 directions); it was -7.5e4 against 0.084
+    x, y = _data(n=2000, d=16, k=40, noise=1.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 40)).eval()
+    mon = CollapseMonitor(model, classifier="2", num_classes=40)
+    with torch.no_grad():
+        for xb, yb in _batches(x, y):
+            model(xb)
+            mon.update(yb)
+        h = model[1](model[0](x)).double()
+    want = collapse_metrics(stats_of(h, y, 40), rtol=1e-6)
+    got = mon.compute()[PENULTIMATE]
+    assert got.nc1 == pytest.approx(want.nc1, rel=1e-5)
+    assert got.separation_fuzziness == pytest.approx(want.separation_fuzziness, rel=1e-5)
+
+
 def test_minority_metrics_when_imbalanced():
     x, y = _data(n=300, noise=0.5)
     keep = (y < 3) | (torch.arange(len(y)) % 10 == 0)

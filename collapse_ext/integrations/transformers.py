@@ -29,7 +29,8 @@ classifier rows) against ``majority_cos_mean`` (among the others).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -93,14 +94,20 @@ class LMCollapseMonitor(CollapseMonitor):
 
     Defaults at vocabulary K: the state per layer is two (V, d) float64 arrays and, with
     ``within_cov="auto"`` (d <= 4096), the (d, d) S_W that NC1's trace ratio needs;
-    CDNV, GNC2 and the NC1 quotient need only the per-class sums. ``train_ncc=True``
-    counts NC4 against the previous ``compute()``'s means at 2 V d flops per token and
-    layer, tiled (O(N) memory); pass ``train_ncc=False`` on a large model.
+    CDNV, GNC2 and the NC1 quotient need only the per-class sums. NC4 comes from
+    :meth:`evaluate` (exact, with the final means): ``train_ncc`` is False by default here,
+    since counting NC4 during training against the previous ``compute()``'s means costs
+    2 V d flops per token and layer, as much as the output layer's forward (+10% of the
+    lm-demo's step); ``train_ncc=True`` turns it on (tiled, O(N) memory).
 
-    Call ``monitor.update(input_ids, attention_mask=..., labels=...)`` after each forward.
-    Selecting the labelled positions is a boolean gather (one host synchronisation per
-    batch on CUDA). ``collect()`` and ``evaluate()`` are not available.
+    Call ``monitor.update(input_ids, attention_mask=..., labels=...)`` after each forward,
+    or run the forwards of a step inside ``with monitor.collect(input_ids, attention_mask,
+    labels):``. Selecting the labelled positions is a boolean gather (one host
+    synchronisation per batch on CUDA). :meth:`evaluate` is the exact two-pass measurement
+    over a loader of ``input_ids`` batches.
     """
+
+    _class_tallies = True  # NC4 of each frequency view
 
     def __init__(
         self,
@@ -134,6 +141,7 @@ class LMCollapseMonitor(CollapseMonitor):
         self.min_count = positive_int(min_count, "min_count")
         self.head = _fraction(head, "head", closed=True)
         self.tail = _fraction(tail, "tail", closed=False)
+        self._keep: torch.Tensor | None = None  # (B * T,) positions recorded by collect() / evaluate()
         super().__init__(
             model,
             classifier=head_module,
@@ -141,7 +149,7 @@ class LMCollapseMonitor(CollapseMonitor):
             layers=self._block_layers(inner, layers),
             pool=_tokens,
             minority=[],
-            **kwargs,
+            **{"train_ncc": False, **kwargs},
         )
 
     @staticmethod
@@ -221,18 +229,77 @@ class LMCollapseMonitor(CollapseMonitor):
             self._stash_pred = pred[keep.to(pred.device)]
         super().update(y)
 
-    def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _features(self, key: str, value: Any) -> torch.Tensor:
+        x = super()._features(key, value)
+        keep = self._keep
+        if keep is None:
+            return x
+        if x.shape[0] != keep.shape[0]:
+            raise ValueError(
+                f"Expected layer {key!r} to see the {keep.shape[0]} positions of `input_ids`, got {x.shape[0]} rows: "
+                "run the forward on the input_ids given to collect()"
+            )
+        return x[keep.to(x.device)]
+
+    def _predictions(self, output: Any) -> torch.Tensor | None:
         if isinstance(output, torch.Tensor) and output.dim() == 3:
             output = output.reshape(-1, output.shape[-1])
-        super()._logits_hook(module, args, output)
+        pred = super()._predictions(output)
+        keep = self._keep
+        if pred is not None and keep is not None and pred.shape[0] == keep.shape[0]:
+            pred = pred[keep.to(pred.device)]
+        return pred
 
-    def collect(self, labels: torch.Tensor) -> Any:
-        raise NotImplementedError("LMCollapseMonitor records with update(input_ids, attention_mask, labels)")
+    @contextlib.contextmanager
+    def collect(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Iterator[LMCollapseMonitor]:
+        """Record every forward on ``input_ids`` inside the block (one training batch; see
+        :meth:`targets` for the arguments): for a step that runs several forwards, or
+        instead of :meth:`update`."""
+        keep, y = self.targets(input_ids, attention_mask, labels)
+        with super().collect(y):
+            self._keep = keep
+            try:
+                yield self
+            finally:
+                self._keep = None
 
-    def evaluate(self, loader: Any, **kwargs: Any) -> MonitorResult:
-        raise NotImplementedError(
-            "LMCollapseMonitor has no evaluate(): run the forwards under torch.no_grad() with update(), then compute()"
-        )
+    def evaluate(
+        self,
+        loader: Iterable[Any],
+        *,
+        unpack: Callable[[Any], tuple[Any, Any, Any]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> LMResult:
+        """Exact measurement on the current model: two passes over ``loader`` in eval mode
+        without gradients, the token statistics first, then NC4 (overall and per frequency
+        view) with the final class means; each forward is ``model(input_ids=...,
+        attention_mask=...)``.
+
+        loader: re-iterable batches, each a dict with ``"input_ids"`` (and optionally
+        ``"attention_mask"``, ``"labels"``, as a ``transformers`` collator gives them), a
+        tuple ``(input_ids[, attention_mask[, labels]])`` or a bare ``input_ids`` tensor;
+        ``unpack`` maps a batch to ``(input_ids, attention_mask or None, labels or None)``.
+        Tensors go to ``device`` (default: the model's). The running statistics are left
+        alone; the result (phase ``"eval"``) is appended to ``history``."""
+        return super().evaluate(loader, unpack=unpack or _unpack, device=device)
+
+    def _pass(self, loader: Iterable[Any], unpack: Callable, device: Any) -> None:
+        self._labels, self._recording = None, True
+        for batch in loader:
+            ids, mask, labels = (t.to(device) if isinstance(t, torch.Tensor) else t for t in unpack(batch))
+            keep, y = self.targets(ids, mask, labels)
+            self._labels, self._keep = self._check_labels(y), keep
+            try:
+                with self._session.batch():
+                    self.model(input_ids=ids, attention_mask=mask)
+            finally:
+                self._labels, self._keep = None, None
+        self._recording = False
 
     # ------------------------------------------------------------------ results
     def _result(self, session, views, phase, ncc_note, missing_ncc) -> LMResult:
@@ -247,6 +314,8 @@ class LMCollapseMonitor(CollapseMonitor):
             return out
         counts = final.counts.cpu()
         w, b = self._classifier_params(final.dim)
+        layer = session.layers[PENULTIMATE]
+        by_class = layer.class_ncc if layer.means is not None else None
         tail = set(buckets.tail.tolist())
         for view in VIEWS:
             ids = getattr(buckets, view)
@@ -261,7 +330,12 @@ class LMCollapseMonitor(CollapseMonitor):
                 None if w is None else w[idx],
                 None if b is None else b[idx],
                 minority=minority,
+                ncc_tallies=None if by_class is None else by_class[:, idx].sum(1),
             )
+            if by_class is not None:
+                m.ncc_means = f"{ncc_note}; rows of this view's tokens against every present token's centre"
+            else:
+                m.undefined["ncc_accuracy"] = m.undefined["ncc_mismatch"] = missing_ncc
             why = "per-view S_W is not kept (the pooled S_W does not split by token); see the NC1 quotient"
             m.undefined["nc1"] = m.undefined["separation_fuzziness"] = why
             out.views[view] = m
@@ -274,3 +348,17 @@ class LMCollapseMonitor(CollapseMonitor):
             }
         out.buckets["rare"] = {"tokens": int(buckets.rare.numel()), "rows": int(counts[buckets.rare].sum())}
         return out
+
+
+def _unpack(batch: Any) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, labels) of a dict, a tuple of 1 to 3 tensors or a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
+        return (*batch, *(None,) * (3 - len(batch)))
+    raise TypeError(
+        "Expected loader batches with input_ids (a dict with 'input_ids', a tuple (input_ids[, attention_mask"
+        f"[, labels]]) or a tensor), got {type(batch).__name__}: pass unpack=lambda b: (ids, mask, labels)"
+    )

@@ -61,6 +61,8 @@ def _within_projection(stats: ClassStats, vh: torch.Tensor, features: Any, label
 def _trace_ratio(stats: Any, weighting: str, features: Any, labels: Any, mode: str, rtol: Any) -> float:
     """tr(Sigma_W Sigma_B^+) with Sigma_B weighted by ``weighting`` = sum_j q_j / s_j^2."""
     stats = check_stats(stats)
+    if mode != "full" and stats.scatter is None and (features is None or labels is None):
+        _within_projection(stats, stats.means[:0], features, labels, mode)  # raises: no S_W, no features
     s, vh = _between_basis(stats, weighting, rank_rtol(rtol))
     q = _within_projection(stats, vh, features, labels, mode)
     return float((q / (s * s)).sum())

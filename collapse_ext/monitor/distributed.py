@@ -1,5 +1,6 @@
 """Merging a monitor's statistics across ranks (torch.distributed): the exact ClassStats
-all-reduce of every layer plus one sum of the NC4 and dropped-batch counts.
+all-reduce of every layer plus one sum of the NC4 and dropped-batch counts (and one of
+the per-class NC4 tallies, when kept).
 :class:`Distributed` is a part of :class:`~collapse_ext.CollapseMonitor`."""
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class Distributed:
             for layer, row in zip(active, counts):
                 row = row.to(layer.acc.device)
                 layer.ncc, layer.dropped = row[:3].clone(), row[3:].clone()
+            by_class = [layer for layer in active if layer.class_ncc is not None]
+            if by_class:
+                tallies = torch.stack([layer.class_ncc.to(device) for layer in by_class])
+                dist.all_reduce(tallies, group=self.process_group)
+                for layer, t in zip(by_class, tallies):
+                    layer.class_ncc = t.to(layer.acc.device)
 
     def _comm_device(self, layers: list[Layer]) -> torch.device:
         for layer in layers:

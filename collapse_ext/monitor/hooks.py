@@ -154,15 +154,25 @@ class Hooks:
     def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._active() or PENULTIMATE not in self.layer_names:
             return
-        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        if isinstance(output, torch.Tensor) and output.dim() >= 2:
+            self._check_out_features(output.shape[-1], self.classifier_name)  # a lazy classifier's first forward
+        if self._session.layers[PENULTIMATE].means is None:
+            return  # no NC4 in this measurement (yet): the argmax is only its mismatch's input
+        pred = self._predictions(output)
+        if pred is None:
             return
-        self._check_out_features(output.shape[1], self.classifier_name)
-        pred = output.detach().argmax(1)
         if self._labels is not None:
             if self._recording:
                 self._session.layers[PENULTIMATE].set_predictions(pred)
         elif self._batch % self.every == 0:
             self._stash_pred = pred
+
+    def _predictions(self, output: Any) -> torch.Tensor | None:
+        """The prediction (N,) int64 of every row of the classifier's output (N, K): its argmax."""
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            return None
+        self._check_out_features(output.shape[1], self.classifier_name)
+        return output.detach().argmax(1)
 
     # ------------------------------------------------------------------ recording
     def _check_labels(self, labels: Any) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,8 @@ class Layer:
         self.batch_dropped: torch.Tensor | None = None
         self.last_rows: tuple[int, int, torch.Tensor | None] | None = None
         self.ncc: torch.Tensor | None = None
+        # NC4 tallies by true class (3, K + 1), when the monitor asks for them (frequency views)
+        self.class_ncc: torch.Tensor | None = None
         self.dropped: torch.Tensor | None = None
         self.means: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ncc_only = False
@@ -65,8 +67,12 @@ class Layer:
         cov = mon._keeps_scatter(dim)
         self.check = mon.check or ("deferred" if device.type == "cuda" else "strict")
         with torch.inference_mode(False):
-            self.acc = ClassStats(mon.num_classes + 1, dim, device=device, within_cov=cov, check=self.check)
+            self.acc = ClassStats(
+                mon.num_classes + 1, dim, device=device, within_cov=cov, check=self.check, state_dtype=mon.state_dtype
+            )
             self.ncc = torch.zeros(3, dtype=torch.int64, device=device)
+            if mon._class_tallies:
+                self.class_ncc = torch.zeros(3, mon.num_classes + 1, dtype=torch.int64, device=device)
             self.dropped = torch.zeros(2, dtype=torch.int64, device=device)
         self.batch_dropped = self.dropped
 
@@ -172,12 +178,15 @@ class Layer:
                 stack.enter_context(torch.no_grad())
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.autocast(x.device.type, enabled=False))
-                ncc = self.ncc
+                ncc, class_ncc = self.ncc, self.class_ncc
                 if self.means is not None:
-                    ncc = ncc + _ncc_tallies(x, y, *self.means, pred)
+                    outcomes = _ncc_outcomes(x, y, *self.means, pred)
+                    ncc = ncc + outcomes.sum(1)
+                    if class_ncc is not None:
+                        class_ncc = class_ncc.index_add(1, y, outcomes)
                 if not self.ncc_only:
                     self.acc.update(x, y)
-                self.ncc = ncc
+                self.ncc, self.class_ncc = ncc, class_ncc
         rest = self.fill - end
         if rest and end:
             for t in (self.buf, self.lab, self.pred):
@@ -189,7 +198,7 @@ class Layer:
             self.last_rows = (start - end, n, ok) if start >= end else None
 
     def set_means(self, means: torch.Tensor, present: torch.Tensor) -> None:
-        """Class centres for NC4: means (K, d) float64, present (K,) bool."""
+        """Class centres for NC4: means (K, d) float (the state dtype), present (K,) bool."""
         self.means = (means, present)
 
 
@@ -197,7 +206,7 @@ def drop_class(acc: ClassStats, k: int) -> ClassStats:
     """The statistics of classes 0..k-1 of ``acc`` as a k-class ClassStats."""
     state = acc.state_dict()
     state.update(num_classes=k, counts=state["counts"][:k], means=state["means"][:k], sqdev=state["sqdev"][:k])
-    out = ClassStats(k, acc.dim, device=acc.device, within_cov=acc.within_cov_enabled)
+    out = ClassStats(k, acc.dim, device=acc.device, within_cov=acc.within_cov_enabled, state_dtype=acc.state_dtype)
     out.load_state_dict(state)
     return out
 
@@ -209,25 +218,37 @@ def add_class(stats: ClassStats, check: str) -> ClassStats:
     state.update(
         num_classes=k + 1,
         counts=torch.cat([state["counts"], torch.zeros(1, dtype=torch.int64, device=dev)]),
-        means=torch.cat([state["means"], torch.zeros(1, stats.dim, dtype=torch.float64, device=dev)]),
+        means=torch.cat([state["means"], state["means"].new_zeros(1, stats.dim)]),
         sqdev=torch.cat([state["sqdev"], torch.zeros(1, dtype=torch.float64, device=dev)]),
     )
-    out = ClassStats(k + 1, stats.dim, device=dev, within_cov=stats.within_cov_enabled, check=check)
+    out = ClassStats(
+        k + 1, stats.dim, device=dev, within_cov=stats.within_cov_enabled, check=check, state_dtype=stats.state_dtype
+    )
     out.load_state_dict(state)
     return out
+
+
+def _ncc_outcomes(
+    x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, present: torch.Tensor, pred: torch.Tensor
+) -> torch.Tensor:
+    """NC4 outcome of every row, (3, N) int64 0/1 [counted, ncc_correct, mismatch] on the
+    device, no host synchronisation: summed over the rows they are the tallies, summed by
+    label the tallies of each class.
+
+    The nearest centre comes from the fused ``nearest_centre`` op (-1: row not counted); the
+    mismatch compares it with ``pred``, the classifier's argmax in the same forward (-1:
+    none, counted as agreeing), so it is the model's own prediction whatever the classifier
+    module and precision."""
+    _, nearest = nearest_centre(x, y, means, present=present, assignments=True)
+    counted = nearest >= 0
+    return torch.stack([counted, nearest == y, counted & (pred >= 0) & (pred != nearest)]).long()
 
 
 def _ncc_tallies(
     x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, present: torch.Tensor, pred: torch.Tensor
 ) -> torch.Tensor:
-    """NC4 tallies [n, ncc_correct, mismatch] (3,) int64 on the device, no host synchronisation.
-
-    The nearest centre comes from the fused ``nearest_centre`` op; the mismatch compares it
-    with ``pred``, the classifier's argmax in the same forward (-1: none, counted as
-    agreeing), so it is the model's own prediction whatever the classifier module and precision."""
-    tallies, nearest = nearest_centre(x, y, means, present=present, assignments=True)
-    mismatch = ((nearest >= 0) & (pred >= 0) & (pred != nearest)).sum()
-    return torch.stack([tallies[0], tallies[1], mismatch])
+    """NC4 tallies [n, ncc_correct, mismatch] (3,) int64 on the device (see :func:`_ncc_outcomes`)."""
+    return _ncc_outcomes(x, y, means, present, pred).sum(1)
 
 
 class Session:
@@ -265,3 +286,14 @@ class Session:
                 "; ".join(lines) + f": labels outside [0, {num_classes}) or NaN/Inf features (check='deferred'); "
                 "the other batches are kept, monitor.reset() starts the measurement over"
             )
+
+
+def rank_rtol(layer: Any, stats: ClassStats) -> float | None:
+    """NC1's rank tolerance max(K', d) * eps at the precision of the layer's features and
+    means (float32 unless both are float64, then None: the float64 default): a direction
+    the features only leave by rounding (the normal of a LayerNorm's hyperplane) has a
+    between-class singular value ~eps32 * s_max, and its 1/s^2 would turn NC1 into noise."""
+    wide = layer.buf is None or layer.buf.dtype == torch.float64
+    if wide and stats.state_dtype == torch.float64:
+        return None
+    return min(0.5, max(int(stats.present.sum()), stats.dim) * torch.finfo(torch.float32).eps)

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import class_indices, flag, index, positive_int
+from .._validate import class_indices, flag, float_dtype, index, positive_int
 from ..metrics import CollapseMetrics, collapse_metrics, fit_separation_law
 from ..stats import ClassStats
 from ..theory import Predictor
 from .distributed import Distributed
 from .hooks import PENULTIMATE, Hooks, out_features
-from .layer import Session
+from .layer import Session, rank_rtol
 from .persistence import Persistence
 from .result import MonitorResult
 
@@ -71,6 +71,8 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
             flops per row and layer); False leaves NC4 to :meth:`evaluate`.
         check: ClassStats checking; None = ``"strict"`` on CPU, ``"deferred"`` (no host
             synchronisation) on CUDA.
+        state_dtype: dtype of each layer's two (K, d) ClassStats arrays: float64 (default)
+            or float32, half the memory at vocabulary-sized K (means rounded to float32).
         minority, minority_threshold: passed to :func:`~collapse_ext.metrics.collapse_metrics`.
         predict: a theory model name (``"lpm-ce"``, ...) or a ``theory.Predictor``: each
             result's penultimate bundle then holds the prediction for its class counts and
@@ -85,6 +87,9 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
     the monitor. Use ``monitor.update(y)`` after each forward, or ``with monitor.collect(y):``
     around it (needed when one step runs several forwards).
     """
+
+    # NC4 tallies per class as well as in total (LMCollapseMonitor's frequency views)
+    _class_tallies = False
 
     def __init__(
         self,
@@ -101,6 +106,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         buffer_bytes: int = 8 << 20,
         train_ncc: bool = True,
         check: str | None = None,
+        state_dtype: torch.dtype = torch.float64,
         minority: Sequence[int] | None = None,
         minority_threshold: float = 0.5,
         predict: str | Predictor | None = None,
@@ -126,6 +132,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
         if check not in (None, "strict", "deferred"):
             raise ValueError(f"Expected `check` to be None, 'strict' or 'deferred', got {check!r}")
         self.check = check
+        self.state_dtype = float_dtype(state_dtype, "state_dtype", (torch.float64, torch.float32))
         self.minority = None if minority is None else class_indices(minority, "minority", self.num_classes)
         threshold = minority_threshold
         if index(threshold) is None and not isinstance(threshold, float):
@@ -229,6 +236,7 @@ class CollapseMonitor(Hooks, Distributed, Persistence):
                 minority_threshold=self.minority_threshold,
                 ncc_tallies=tallies,
                 predict=self.predictor if name == PENULTIMATE else None,
+                rtol=rank_rtol(layer, stats),
             )
             if tallies is not None:
                 m.ncc_means = ncc_note

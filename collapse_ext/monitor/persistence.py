@@ -52,6 +52,7 @@ class Persistence:
                 entry = {
                     "stats": layer.stats.state_dict(),
                     "ncc": layer.ncc.clone(),
+                    "class_ncc": None if layer.class_ncc is None else layer.class_ncc.clone(),
                     "dropped": layer.dropped.clone(),
                     "rows": layer.buf[:n].clone() if n else None,
                     "labels": layer.lab[:n].clone() if n else None,
@@ -143,6 +144,11 @@ class Persistence:
             layer.allocate(stats.dim, device)
             layer.acc = add_class(stats, layer.check)
             layer.ncc = _nonnegative(entry["ncc"], f"{where}['ncc']", 3).to(device)
+            if layer.class_ncc is not None and entry.get("class_ncc") is not None:
+                class_ncc = _tensor(entry["class_ncc"], f"{where}['class_ncc']", (3, k + 1), (torch.int64,))
+                if bool((class_ncc < 0).any()):
+                    raise ValueError(f"Expected {where}['class_ncc'] to be non-negative integers")
+                layer.class_ncc = class_ncc.to(device)
             dropped = entry.get("dropped", torch.zeros(2, dtype=torch.int64))
             layer.dropped = layer.batch_dropped = _nonnegative(dropped, f"{where}['dropped']", 2).to(device)
             rows = entry["rows"]
@@ -200,7 +206,7 @@ class Persistence:
             raise ValueError(f"Expected {where} with finite means, sqdev, scatter and sqdev >= 0, got other values")
         if "rejected" in saved:
             _tensor(saved["rejected"], f"{where}['rejected']", (2,), (torch.int64,))
-        stats = ClassStats(k, d, device=device, within_cov=cov)
+        stats = ClassStats(k, d, device=device, within_cov=cov, state_dtype=self.state_dtype)
         stats.load_state_dict(dict(saved))
         return stats
 
@@ -223,5 +229,5 @@ class Persistence:
             present = _tensor(entry["present"], f"{where}['present']", (k,), (torch.bool,))
             if d <= 0 or not bool(torch.isfinite(means).all()):
                 raise ValueError(f"Expected {where}['means'] finite of shape ({k}, d > 0), got {tuple(means.shape)}")
-            out[name] = (means.to(device, torch.float64), present.to(device))
+            out[name] = (means.to(device, self.state_dtype), present.to(device))
         return out

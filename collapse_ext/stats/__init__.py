@@ -13,8 +13,10 @@ in ``check="deferred"`` mode and O(rows x d) work whatever K:
     m_k += 1,  t_k += e_i,  q_k += ||e_i||^2,  P += e_i e_i^T,   e_i = h_i - c_{y_i},
 
 with e_i formed in float64 and P accumulated in float32 (float64 for fp64 features, or
-when float32 could overflow). A fold (every ``fold_rows`` rows, and before any read)
-merges the block exactly: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
+when float32 could overflow). A fold (every ``fold_rows`` rows when the block has float32
+parts: P, or a float32 state; when a block holds as many rows as all folds before it; and
+before any read) merges the block exactly, in place over every row when most classes were
+touched, through the touched rows otherwise: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
 rows (Chan, Golub & LeVeque 1979),
 
     mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,

@@ -43,8 +43,8 @@ class ClassStats(StatePersistence, Mergeable):
         state_dtype: dtype of the two (K, d) arrays (the means and the pending sums):
             float64 (default) or float32, which halves the memory at vocabulary-sized K
             at the cost of rounding the means to float32 (see the README's memory table).
-        fold_rows: rows per pending block (float32 products are exact enough over this
-            many rows; see the module docstring).
+        fold_rows: rows per pending block where it has float32 parts (S_W's products, a
+            float32 state: exact enough over this many rows; see the module docstring).
 
     Memory: two (K, d) ``state_dtype`` arrays plus, with ``within_cov``, one (d, d)
     float64 and one (d, d) float32 matrix.
@@ -173,7 +173,7 @@ class ClassStats(StatePersistence, Mergeable):
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         rows, strict = x.shape[0], self.check == "strict"
-        if self._p_rows + rows > self.fold_rows:
+        if self._p_rows + rows > self.fold_rows and self._capped:
             self._fold(sync=strict)
         fp64 = x.dtype == torch.float64
         # Every entry of a pending block's products is at most block * max_i ||e_i||^2.
@@ -252,6 +252,8 @@ class ClassStats(StatePersistence, Mergeable):
     def _merge_block(self, sync: bool) -> None:
         with torch.no_grad(), torch.inference_mode(False):
             rows = self._m.nonzero().squeeze(1) if sync else None
+            if rows is not None and 4 * rows.numel() > self.num_classes:
+                rows = None  # most classes touched: one in-place pass over every row beats gathering them
 
             def take(a: torch.Tensor) -> torch.Tensor:
                 return a if rows is None else a.index_select(0, rows)
@@ -260,8 +262,10 @@ class ClassStats(StatePersistence, Mergeable):
             n = take(self._n) + m
             nf = n.double().clamp_min(1.0)
             t = take(self._t).double()
-            mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
-            ss = take(self._ss) + take(self._q) - (t * t).sum(1) / nf
+            # clamped: with a float32 state, t is rounded while q is not, so a class whose rows
+            # all sit on its shift (ss = 0) could come out at -1e-20 instead; the row-wise
+            # ||t_k||^2 is a batched dot (no (K, d) temporary)
+            ss = (take(self._ss) + take(self._q) - torch.einsum("kd,kd->k", t, t) / nf).clamp_min_(0.0)
             if self._sw is not None:
                 scaled = t / nf.sqrt().unsqueeze(1)
                 if scaled.shape[0] > self.dim:  # as costly as a (d, d) pass anyway
@@ -269,11 +273,13 @@ class ClassStats(StatePersistence, Mergeable):
                 else:
                     self._corrections.append(scaled)
             if rows is None:
-                self._n, self._mu, self._ss = n, mu, ss
+                self._mu.addcdiv_(t, nf.unsqueeze(1))  # mu + t / n in float64, rounded to the state dtype
+                self._n, self._ss = n, ss
                 self._t.zero_()
                 self._m.zero_()
                 self._q.zero_()
             else:
+                mu = (take(self._mu).double() + t / nf.unsqueeze(1)).to(self.state_dtype)
                 self._n.index_copy_(0, rows, n)
                 self._mu.index_copy_(0, rows, mu)
                 self._ss.index_copy_(0, rows, ss)
@@ -299,6 +305,13 @@ class ClassStats(StatePersistence, Mergeable):
                 self._sw += self._p64
                 self._p64 = None
             self._p.zero_()
+
+    @property
+    def _capped(self) -> bool:
+        """Whether a pending block folds at ``fold_rows`` rows: when it has float32 parts (S_W's
+        products, a float32 state). A float64 state without S_W sums exactly enough over any
+        number of rows, and folds only when a block outgrows the rows folded before it, and on reads."""
+        return self.within_cov_enabled or self.state_dtype != torch.float64
 
     # ------------------------------------------------------------------ reads
     def check_rejected(self) -> None:
