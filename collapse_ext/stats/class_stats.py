@@ -17,11 +17,6 @@ _STATE_DTYPES = (torch.float64, torch.float32)
 # block_rows * |e|^2 must stay below float32's max (3.4e38) with room to spare.
 _F32_LIMIT = 1e36
 _F64_LIMIT = 1e300
-# Small batches' centred rows are staged and multiplied together, up to this many bytes:
-# one (d, d) product per ~1024 rows instead of per batch (measured on the B = 128 loop of
-# benchmarks/bench_class_stats.py).
-_STAGE_BYTES = 1 << 21
-_STAGE_ROWS = 1024
 
 
 class ClassStats(StatePersistence, Mergeable):
@@ -90,8 +85,6 @@ class ClassStats(StatePersistence, Mergeable):
                     value = torch.zeros(self._shape(slot), dtype=self._dtype(slot), device=device)
                 setattr(self, slot.attr, value)
         self._p64: torch.Tensor | None = None  # float64 products of the pending block, when needed
-        self._stage: torch.Tensor | None = None  # float32 centred rows not yet in _p
-        self._staged = 0
         self._pending_rows = 0
         self._folded_rows = 0
         self._p_rows = 0  # rows in the float32 products since they were last added to S_W
@@ -200,7 +193,7 @@ class ClassStats(StatePersistence, Mergeable):
                     self._p64 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
                 self._p64.addmm_(centred.T, centred)
             else:
-                self._stage_product(centred)
+                self._p.addmm_(centred.T, centred)
         self._pending_rows += rows
         self._p_rows += rows
         # Early blocks fold as soon as they hold as many rows as every fold before them
@@ -211,27 +204,6 @@ class ClassStats(StatePersistence, Mergeable):
         # fold_rows rows in all) and their corrections wait, so no (d, d) work is done.
         if self._pending_rows >= self._folded_rows:
             self._fold(sync=strict, flush=False)
-
-    def _stage_product(self, centred: torch.Tensor) -> None:
-        """Add centred^T centred (float32) to _p, staging small batches: a (d, d) product of
-        128 rows costs nearly what one of 1024 costs (it reads and writes all of _p)."""
-        rows = centred.shape[0]
-        capacity = max(1, min(_STAGE_ROWS, _STAGE_BYTES // (4 * self.dim)))
-        if 2 * rows > capacity:
-            self._p.addmm_(centred.T, centred)
-            return
-        if self._staged + rows > capacity:
-            self._flush_stage()
-        if self._stage is None:
-            self._stage = torch.empty(capacity, self.dim, dtype=torch.float32, device=centred.device)
-        self._stage[self._staged : self._staged + rows].copy_(centred)
-        self._staged += rows
-
-    def _flush_stage(self) -> None:
-        if self._staged:
-            block = self._stage[: self._staged]
-            self._p.addmm_(block.T, block)
-            self._staged = 0
 
     def _fold(self, sync: bool = True, flush: bool = True) -> None:
         """Merge the pending block into the folded state (exact; see the module docstring).
@@ -295,7 +267,6 @@ class ClassStats(StatePersistence, Mergeable):
         if self._sw is None:
             return
         with torch.no_grad(), torch.inference_mode(False):
-            self._flush_stage()
             self._sw.add_(self._p)  # promoted to float64 element by element, no copy
             if self._corrections:
                 c = torch.cat(self._corrections)
