@@ -56,7 +56,12 @@ def test_matches_reference(device, dtype, state_dtype, label_dtype):
     assert status[0] == 1
 
 
-@pytest.mark.parametrize("n,d,k", [(0, 5, 3), (10, 0, 3), (1, 1, 1), (50, 1, 4), (40, 3, 60), (700, 300, 5)])
+# (2000, 200, 5) and (1200, 256, 1000) are parallel batches (n * d >= 2^18) on the CPU: few
+# classes (summed per thread while centring) and many (centred again by column blocks).
+@pytest.mark.parametrize(
+    "n,d,k",
+    [(0, 5, 3), (10, 0, 3), (1, 1, 1), (50, 1, 4), (40, 3, 60), (700, 300, 5), (2000, 200, 5), (1200, 256, 1000)],
+)
 def test_shapes_and_edges(device, n, d, k):
     g = torch.Generator().manual_seed(n + d + k)
     x = torch.randn(n, d, generator=g).to(device)

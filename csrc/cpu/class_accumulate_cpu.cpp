@@ -11,10 +11,11 @@
 //      keeping a float64 copy: measured at N = 20000, d = 512) into the (K, d) sums, each
 //      thread owning a block of columns so no two threads touch one element, and the new
 //      classes' means rows; else `centred` zeroed.
-// A small batch (one thread does it all) is centred once: step 3 also sums its rows per
-// class into a float64 scratch of (classes in the batch, d) and step 4 adds those sums,
-// which takes the op's time in the B = 128 loop of benchmarks/bench_class_stats.py down
-// by about a third.
+// When the batch holds few classes for its size (always for a small, serial batch) it is
+// centred once: step 3 also sums its rows per class into a float64 scratch of (classes in
+// the batch, d) per thread, and step 4 adds those sums instead of centring again. That
+// took the op's time in the B = 128 loop of benchmarks/bench_class_stats.py down by about
+// a third.
 // One call replaces a dozen ATen ops (gathers, casts, index_add_) and reads the batch
 // at most twice while it is in cache.
 #include <ATen/Dispatch.h>
@@ -97,11 +98,12 @@ std::vector<state_t> fresh_sums_kernel(const scalar_t* x, int64_t row_stride, in
 }
 
 // Step 3. Rows whose shift is null (bad labels) are skipped. finite[i]: no NaN/Inf feature.
-// With kLocal (a serial batch), e_i is also added to row local_slot[i] of `local`.
+// With kLocal, e_i is also added to row local_slot[i] of this thread's block of `local`
+// (blocks of local_rows x d; one block when `copies` is 1).
 template <bool kLocal, typename scalar_t, typename state_t, typename compute_t>
 void centre_kernel(const scalar_t* x, int64_t row_stride, int64_t n, int64_t d, const std::vector<const state_t*>& shift,
                    compute_t* centred, std::vector<double>& sq, std::vector<char>& finite, double* local,
-                   const std::vector<int64_t>& local_slot) {
+                   const std::vector<int64_t>& local_slot, int64_t local_rows, int64_t copies) {
   const int64_t grain = std::max<int64_t>(kRowGrain, kMinParallelElements / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -109,7 +111,11 @@ void centre_kernel(const scalar_t* x, int64_t row_stride, int64_t n, int64_t d, 
       const scalar_t* row = x + i * row_stride;
       const state_t* c = shift[i];
       compute_t* out = centred + i * d;
-      double* acc = kLocal ? local + local_slot[i] * d : nullptr;
+      double* acc = nullptr;
+      if constexpr (kLocal) {
+        const int64_t copy = copies > 1 ? static_cast<int64_t>(at::get_thread_num()) : 0;
+        acc = local + (copy * local_rows + local_slot[i]) * d;
+      }
       // Independent lanes so the reductions vectorise without reassociation flags;
       // probe is NaN iff some feature is NaN or Inf.
       constexpr int kLanes = 8;
@@ -151,12 +157,16 @@ void accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, 
                        const std::vector<const state_t*>& shift, const std::vector<double>& sq,
                        const std::vector<state_t>& fresh, const std::vector<int64_t>& fresh_class, state_t* means,
                        int64_t* pending, state_t* sums, double* sqsums, const double* local,
-                       const std::vector<int64_t>& local_class) {
+                       const std::vector<int64_t>& local_class, int64_t copies) {
   if (local != nullptr) {
-    for (size_t r = 0; r < local_class.size(); ++r) {
+    const int64_t rows = static_cast<int64_t>(local_class.size());
+    for (int64_t r = 0; r < rows; ++r) {
       state_t* sum = sums + local_class[r] * d;
-      const double* add = local + static_cast<int64_t>(r) * d;
-      for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<state_t>(add[j]);
+      for (int64_t j = 0; j < d; ++j) {
+        double add = 0.0;
+        for (int64_t c = 0; c < copies; ++c) add += local[(c * rows + r) * d + j];
+        sum[j] += static_cast<state_t>(add);
+      }
     }
   } else {
     by_columns(n, d, [&](int64_t j0, int64_t j1) {
@@ -202,22 +212,30 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cpu(const at::Tensor& featur
       }
       std::vector<double> sq(n, 0.0);
       std::vector<char> finite(n, 1);
-      // A serial batch sums its centred rows per class while it centres them.
-      std::vector<int64_t> local_slot, local_class;
-      std::vector<double> local;
-      if (n * d < kMinParallelElements) {  // centre_kernel then runs on one thread
+      // The classes of the batch, each with a row of the per-thread scratch sums.
+      std::vector<int64_t> local_slot(n, 0), local_class;
+      {
         std::unordered_map<int64_t, int64_t> slot_of;
-        local_slot.assign(n, 0);
         for (int64_t i = 0; i < n; ++i) {
           if (shift[i] == nullptr) continue;
           const auto [it, added] = slot_of.emplace(static_cast<int64_t>(y[i]), static_cast<int64_t>(local_class.size()));
           if (added) local_class.push_back(it->first);
           local_slot[i] = it->second;
         }
-        local.assign(local_class.size() * d, 0.0);
-        centre_kernel<true>(x, a.x.stride(0), n, d, shift, centred, sq, finite, local.data(), local_slot);
+      }
+      // A serial batch (centre_kernel then runs on one thread) always sums while it
+      // centres; a parallel one when the per-thread scratch is at most half the batch.
+      const bool serial = n * d < kMinParallelElements || at::in_parallel_region();
+      const int64_t copies = serial ? 1 : std::max<int64_t>(1, at::get_num_threads());
+      const int64_t local_rows = static_cast<int64_t>(local_class.size());
+      std::vector<double> local;
+      if (serial || 2 * copies * local_rows <= n) {
+        local.assign(copies * local_rows * d, 0.0);
+        centre_kernel<true>(x, a.x.stride(0), n, d, shift, centred, sq, finite, local.data(), local_slot, local_rows,
+                            copies);
       } else {
-        centre_kernel<false>(x, a.x.stride(0), n, d, shift, centred, sq, finite, nullptr, local_slot);
+        centre_kernel<false>(x, a.x.stride(0), n, d, shift, centred, sq, finite, nullptr, local_slot, local_rows,
+                             copies);
       }
 
       int64_t bad_row = -1;
@@ -238,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cpu(const at::Tensor& featur
       if (accepted)
         accumulate_kernel(x, a.x.stride(0), y, n, d, shift, sq, fresh, fresh_class, means.data_ptr<state_t>(),
                           pending.data_ptr<int64_t>(), sums.data_ptr<state_t>(), sqsums.data_ptr<double>(),
-                          local_class.empty() ? nullptr : local.data(), local_class);
+                          local.empty() ? nullptr : local.data(), local_class, copies);
       else
         std::fill(centred, centred + n * d, compute_type<scalar_t>(0));
     });
