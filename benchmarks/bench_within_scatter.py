@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine, markdown, measure_with_peak, result_row, timeit, write_json
+from common import Rotating, machine, markdown, measure_with_peak, result_row, timeit, write_json
 
 from collapse_ext import class_stats, within_scatter
 from collapse_ext.reference import within_scatter_reference
@@ -34,16 +34,22 @@ def main() -> None:
     y = torch.randint(0, args.k, (args.n,), generator=g).to(device)
     means = class_stats(x, y, args.k)[1]
     basis = torch.linalg.qr(torch.randn(args.d, args.k - 1, generator=g, dtype=torch.float64))[0].to(device)
+    rot = Rotating((x, y))  # inputs that are not in cache from the call before
     measured = {
         name: measure_with_peak(fn, device, args.repeats)
         for name, fn in {
-            "ours": lambda: within_scatter(x, y, means),
-            "ours_projected": lambda: within_scatter(x, y, means, basis),
-            "reference": lambda: within_scatter_reference(x, y, means),
-            "reference_projected": lambda: within_scatter_reference(x, y, means, basis),
+            "ours": lambda: within_scatter(*rot.next(), means),
+            "ours_projected": lambda: within_scatter(*rot.next(), means, basis),
+            "reference": lambda: within_scatter_reference(*rot.next(), means),
+            "reference_projected": lambda: within_scatter_reference(*rot.next(), means, basis),
         }.items()
     }
-    t_gemm = timeit(lambda: x.T @ x, device, args.repeats)
+
+    def gemm():
+        xr, _ = rot.next()
+        return xr.T @ xr
+
+    t_gemm = timeit(gemm, device, args.repeats)
     names = {
         "ours": "within_scatter (d, d)",
         "ours_projected": "within_scatter projected (r, r)",

@@ -75,6 +75,23 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5, wa
     return Timing(statistics.median(times), min(times), max(times), repeats, warmup)
 
 
+class Rotating:
+    """Copies of a case's input tensors, enough to exceed the last-level cache
+    (``min_bytes``, default 64 MiB), handed out in turn by :meth:`next`: each timed call then
+    reads inputs that are not still in cache from the call before, as real data would not
+    be (the same floor and ours see the same rotation). At most ``max_copies`` copies."""
+
+    def __init__(self, tensors: tuple, min_bytes: int = 64 << 20, max_copies: int = 8) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        copies = max(1, min(max_copies, -(-min_bytes // max(size, 1))))
+        self.sets = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
+        self.i = 0
+
+    def next(self) -> tuple:
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
 def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `fn` in seconds, synchronising the device around each call."""
     return measure(fn, device, repeats, warmup).median
