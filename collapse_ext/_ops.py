@@ -82,6 +82,7 @@ def class_accumulate(
     sums: torch.Tensor,
     sqsums: torch.Tensor,
     limit: float,
+    return_centred: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add a batch to a pending block of class statistics about per-class shifts, in place.
 
@@ -93,21 +94,23 @@ def class_accumulate(
     pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2. All or nothing: a label outside
     [0, K), a NaN/Inf feature or a row with ||e_i||^2 > limit leaves every state tensor
     unchanged. Returns centred (N, d), e_i in float32 (float64 for fp64 features; zeros
-    when the batch was refused), and status (4,) float64 = [accepted 1/0,
+    when the batch was refused; (0, d) and never written with ``return_centred=False``,
+    which saves writing N x d values when only the sums are wanted), and status (4,) float64 = [accepted 1/0,
     max ||e_i||^2 over finite rows, first bad-label row or -1, first non-finite row or -1].
     No host synchronisation.
     """
     check_backend(features, "features")
     return torch.ops.collapse_ext.class_accumulate.default(
-        features, labels, counts, means, pending, sums, sqsums, limit
+        features, labels, counts, means, pending, sums, sqsums, limit, return_centred
     )
 
 
 @torch.library.register_fake("collapse_ext::class_accumulate")
-def _class_accumulate_fake(features, labels, counts, means, pending, sums, sqsums, limit):
+def _class_accumulate_fake(features, labels, counts, means, pending, sums, sqsums, limit, return_centred=True):
     torch._check(features.dim() == 2, lambda: "features must be 2-D (N, d)")
     compute = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return features.new_empty(features.shape, dtype=compute), features.new_empty((4,), dtype=torch.float64)
+    rows = features.shape[0] if return_centred else 0
+    return features.new_empty((rows, features.shape[1]), dtype=compute), features.new_empty((4,), dtype=torch.float64)
 
 
 @torch.library.register_fake("collapse_ext::class_stats")

@@ -51,6 +51,7 @@ def class_accumulate_reference(
     sums: torch.Tensor,
     sqsums: torch.Tensor,
     limit: float,
+    return_centred: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """The contract of ``class_accumulate`` row by row, on copies: returns
     (centred, status, means, pending, sums, sqsums) with the state after the call."""
@@ -79,14 +80,15 @@ def class_accumulate_reference(
     peak = max(good, default=0.0)
     accepted = bad_label < 0 and bad_row < 0 and peak <= limit
     status = torch.tensor([float(accepted), peak, float(bad_label), float(bad_row)], dtype=torch.float64)
+    rows = n if return_centred else 0
     if not accepted:
-        return torch.zeros(x.shape, dtype=compute), status, means, pending, sums, sqsums
+        return torch.zeros(rows, x.shape[1], dtype=compute), status, means, pending, sums, sqsums
     for c, shift in fresh.items():
         means[c] = shift.to(means.dtype)
     pending.index_add_(0, y, torch.ones_like(y))
     sums.index_add_(0, y, e.to(sums.dtype))
     sqsums.index_add_(0, y, sq)
-    return e.to(compute), status, means, pending, sums, sqsums
+    return e[:rows].to(compute), status, means, pending, sums, sqsums
 
 
 def within_scatter_reference(

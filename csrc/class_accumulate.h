@@ -5,7 +5,8 @@
 // `means` row), or, for a class with no row yet (counts_k + pending_k == 0), the mean of
 // that class's rows in the batch rounded to the state dtype, which then becomes that
 // class's `means` row. With e_i = h_i - c_{y_i} formed in float64:
-//   pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2, centred_i = e_i (compute dtype).
+//   pending_k += 1, sums_k += e_i, sqsums_k += ||e_i||^2, centred_i = e_i (compute dtype;
+//   with return_centred false `centred` is (0, d) and nothing is written to it).
 // The batch is all or nothing: any label outside [0, K), any NaN/Inf feature, or any
 // ||e_i||^2 > limit leaves every state tensor as it was and zeroes `centred`.
 // status (4,) float64 = [accepted (1/0), max_i ||e_i||^2 over finite rows,
@@ -30,7 +31,7 @@ struct ClassAccumulateArgs {
 inline ClassAccumulateArgs class_accumulate_args(const at::Tensor& features, const at::Tensor& labels,
                                                  const at::Tensor& counts, const at::Tensor& means,
                                                  const at::Tensor& pending, const at::Tensor& sums,
-                                                 const at::Tensor& sqsums) {
+                                                 const at::Tensor& sqsums, bool return_centred) {
   check_features_labels(features, labels);
   check_means(means, features);
   const int64_t k = means.size(0);
@@ -58,7 +59,7 @@ inline ClassAccumulateArgs class_accumulate_args(const at::Tensor& features, con
   a.n = a.x.size(0);
   a.d = a.x.size(1);
   a.num_classes = k;
-  a.centred = at::empty({a.n, a.d}, a.x.options().dtype(compute_dtype(features.scalar_type())));
+  a.centred = at::empty({return_centred ? a.n : 0, a.d}, a.x.options().dtype(compute_dtype(features.scalar_type())));
   a.status = at::empty({4}, a.x.options().dtype(at::kDouble));
   return a;
 }

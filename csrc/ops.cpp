@@ -88,7 +88,7 @@ TORCH_LIBRARY(collapse_ext, m) {
       "within_scatter(Tensor features, Tensor labels, Tensor means, Tensor? basis=None) -> Tensor");
   m.def(
       "class_accumulate(Tensor features, Tensor labels, Tensor counts, Tensor(a!) means, Tensor(b!) pending, "
-      "Tensor(c!) sums, Tensor(d!) sqsums, float limit) -> (Tensor, Tensor)");
+      "Tensor(c!) sums, Tensor(d!) sqsums, float limit, bool return_centred=True) -> (Tensor, Tensor)");
 
   // Pairwise and nearest-centre metrics.
   m.def(

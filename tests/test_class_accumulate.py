@@ -27,12 +27,13 @@ def _state(k, d, device, state_dtype=torch.float64, seen=(), seed=0):
     return tuple(t.to(device) for t in state)
 
 
-def _compare(x, y, state, limit=LIMIT):
+def _compare(x, y, state, limit=LIMIT, return_centred=True):
     counts, means, pending, sums, sqsums = state
-    want = class_accumulate_reference(x.cpu(), y.cpu(), *(t.cpu() for t in state), limit)
-    centred, status = class_accumulate(x, y, counts, means, pending, sums, sqsums, limit)
+    want = class_accumulate_reference(x.cpu(), y.cpu(), *(t.cpu() for t in state), limit, return_centred)
+    centred, status = class_accumulate(x, y, counts, means, pending, sums, sqsums, limit, return_centred)
     got = (centred, status, means, pending, sums, sqsums)
     assert centred.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert centred.shape == (x.shape[0] if return_centred else 0, x.shape[1])
     status_cpu = status.cpu()
     assert torch.equal(status_cpu[[0, 2, 3]], want[1][[0, 2, 3]])
     assert float(status_cpu[1]) == pytest.approx(float(want[1][1]), rel=1e-12)  # summation order
@@ -56,17 +57,41 @@ def test_matches_reference(device, dtype, state_dtype, label_dtype):
     assert status[0] == 1
 
 
-# (2000, 200, 5) and (1200, 256, 1000) are parallel batches (n * d >= 2^18) on the CPU: few
-# classes (summed per thread while centring) and many (centred again by column blocks).
+# (2000, 200, 5), (1200, 256, 1000) and (3000, 100, 1) are parallel batches (n * d >= 2^18)
+# on the CPU: few classes, many, and one class cut into pieces for the threads.
+@pytest.mark.parametrize("return_centred", [True, False])
 @pytest.mark.parametrize(
     "n,d,k",
-    [(0, 5, 3), (10, 0, 3), (1, 1, 1), (50, 1, 4), (40, 3, 60), (700, 300, 5), (2000, 200, 5), (1200, 256, 1000)],
+    [
+        (0, 5, 3),
+        (10, 0, 3),
+        (1, 1, 1),
+        (50, 1, 4),
+        (40, 3, 60),
+        (700, 300, 5),
+        (2000, 200, 5),
+        (1200, 256, 1000),
+        (3000, 100, 1),
+    ],
 )
-def test_shapes_and_edges(device, n, d, k):
+def test_shapes_and_edges(device, n, d, k, return_centred):
     g = torch.Generator().manual_seed(n + d + k)
     x = torch.randn(n, d, generator=g).to(device)
     y = torch.randint(0, k, (n,), generator=g).to(device)
-    _compare(x, y, _state(k, d, device, seen=range(0, k, 2)))
+    _compare(x, y, _state(k, d, device, seen=range(0, k, 2)), return_centred=return_centred)
+
+
+def test_zipfian_labels_with_many_classes(device):
+    """Vocabulary-like batches: a few frequent classes and a long tail of one-row classes,
+    fed in turn (pending counts grow), with and without the centred rows."""
+    g = torch.Generator().manual_seed(5)
+    k, d = 5000, 48
+    p = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    state = _state(k, d, device, seen=range(0, k, 3))
+    for step in range(3):
+        y = torch.multinomial(p / p.sum(), 6000, replacement=True, generator=g).to(device)
+        x = (torch.randn(6000, d, generator=g) + 50).to(device)
+        _compare(x, y, state, return_centred=step != 1)
 
 
 def test_non_contiguous(device):
@@ -101,7 +126,7 @@ def test_refused_batch_changes_nothing(device, rows, labels, limit, reason):
     y = torch.tensor(labels, device=device)
     state = _state(2, 2, device, seen=(1,))
     before = [t.clone() for t in state]
-    status = _compare(x, y, state, limit)
+    status = _compare(x, y, state, limit, return_centred=limit == LIMIT)
     assert status[0] == 0 and tuple(int(v) for v in status[2:]) == reason
     for a, b in zip(state, before):
         assert torch.equal(a, b)
@@ -128,3 +153,4 @@ def test_opcheck(device):
     y = torch.randint(0, 4, (40,), generator=g).to(device)
     state = _state(4, 6, device, seen=(2,))
     torch.library.opcheck(torch.ops.collapse_ext.class_accumulate.default, (x, y, *state, LIMIT))
+    torch.library.opcheck(torch.ops.collapse_ext.class_accumulate.default, (x, y, *state, LIMIT, False))

@@ -48,9 +48,26 @@ def test_matches_reference(device, dtype, label_dtype):
 
 
 def test_several_chunks_and_many_classes(device):
-    # K = 1000 makes the CPU chunk ~524 rows: four chunks and a partial one.
+    # 2000 rows in CPU chunks of 256 (and a partial one), K = 1000 in two centre tiles.
     x, y, mu, w, b = problem(2000, 16, 1000, seed=1, device=device, spread=10.0)
     check(x, y, mu, w, b)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_ties_across_centre_tiles(device, n):
+    """Few rows against many centres (the CPU splits the centres between threads): equal
+    centres and equal logits in different tiles go to the lowest index, absent ones never
+    win, and the result does not depend on the split."""
+    x, y, mu, w, b = problem(n, 12, 1300, seed=4, device=device, spread=4.0)
+    mu[900] = mu[100]  # same distance in tiles 0 and 1
+    mu[1250] = mu[100]
+    w[1100], b[1100] = w[5], b[5]
+    x[0] = mu[100]  # row 0 sits exactly on centre 100 (and 900, 1250)
+    present = torch.ones(1300, dtype=torch.bool, device=device)
+    present[100] = False  # absent: row 0 then goes to 900
+    check(x, y, mu, w, b)
+    check(x, y, mu, w, b, present)
+    assert int(nearest_centre(x, y, mu, present=present, assignments=True)[1][0]) == 900
 
 
 def test_present_mask_and_absent_centres(device):

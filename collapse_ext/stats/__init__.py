@@ -12,11 +12,12 @@ in ``check="deferred"`` mode and O(rows x d) work whatever K:
 
     m_k += 1,  t_k += e_i,  q_k += ||e_i||^2,  P += e_i e_i^T,   e_i = h_i - c_{y_i},
 
-with e_i formed in float64 and P accumulated in float32 (float64 for fp64 features, or
-when float32 could overflow). A fold (every ``fold_rows`` rows when the block has float32
-parts: P, or a float32 state; when a block holds as many rows as all folds before it; and
-before any read) merges the block exactly, in place over every row when most classes were
-touched, through the touched rows otherwise: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
+with e_i formed in float64 (each class's rows of a batch summed in float64 and added to
+t_k once) and P accumulated in float32 (float64 for fp64 features, or when float32 could
+overflow). A fold (every ``fold_rows`` rows when the block has P; when a block holds as
+many rows as all folds before it, if it has P or a float32 state; and before any read)
+merges the block exactly, in place over every row when most classes were touched, through
+the touched rows otherwise: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
 rows (Chan, Golub & LeVeque 1979),
 
     mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,
@@ -26,6 +27,13 @@ The first blocks fold early (after 1, 2, 4, ... batches) to renew the shifts; th
 folds update the (K, d) state only and queue their corrections, and P joins S_W (with
 the queued corrections) every ``fold_rows`` rows and on reads, so a small-batch loop does
 O(d^2) float64 work once per ``fold_rows`` rows, not once per fold.
+
+Without P the doubling alone bounds the error of a float32 t_k: a block holds no more
+rows than were folded before it, so t_k's m additions (one per batch) add up to about
+m eps ||t_k|| with ||t_k|| ~ (rows of k in the block) x sigma_k / sqrt(rows of k folded),
+a few eps of the class's spread; a float64 state needs no early folds at all. Either way a
+block without P folds O(log N) times, each an O(touched x d) pass, instead of once per
+``fold_rows`` rows, which at vocabulary size (K = 50k) cost more than the updates.
 
 Because c_k is within a few standard deviations of the class mean, e_i carries no common
 offset and the correction term is small: nothing cancels, even on fully collapsed

@@ -11,7 +11,7 @@
 //      (atomicMax on the bits of a non-negative double);
 //   4. accumulate_kernel: if the batch passed (read on the device), adds each row into
 //      the (K, d) sums with atomics and writes the new classes' means rows, else zeroes
-//      `centred`.
+//      `centred` (without return_centred nothing is written to `centred`, (0, d)).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -86,7 +86,7 @@ __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t row_stride
       const double v = to_double(row[j]);
       nonfinite |= !isfinite(v);
       const double e = v - static_cast<double>(c[j]);
-      centred[i * d + j] = static_cast<compute_t>(e);
+      if (centred != nullptr) centred[i * d + j] = static_cast<compute_t>(e);
       s += e * e;
     }
     s = block_sum(s, scratch);
@@ -115,7 +115,8 @@ __global__ void accumulate_kernel(const scalar_t* __restrict__ x, int64_t row_st
       flags[0] == n && flags[1] == n && __longlong_as_double(static_cast<long long>(flags[2])) <= limit;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     if (!accepted) {
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centred[i * d + j] = compute_t(0);
+      if (centred != nullptr)
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centred[i * d + j] = compute_t(0);
       continue;
     }
     const int64_t k = static_cast<int64_t>(y[i]);
@@ -137,9 +138,9 @@ __global__ void accumulate_kernel(const scalar_t* __restrict__ x, int64_t row_st
 std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                          const at::Tensor& counts, at::Tensor& means,
                                                          at::Tensor& pending, at::Tensor& sums, at::Tensor& sqsums,
-                                                         double limit) {
+                                                         double limit, bool return_centred) {
   COLLAPSE_DEVICE_GUARD(features);
-  auto a = class_accumulate_args(features, labels, counts, means, pending, sums, sqsums);
+  auto a = class_accumulate_args(features, labels, counts, means, pending, sums, sqsums, return_centred);
   const int64_t n = a.n, d = a.d, k = a.num_classes;
   auto opts = a.x.options().dtype(at::kLong);
   auto flags = at::full({3}, n, opts);
@@ -168,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cuda(const at::Tensor& featu
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const auto fresh = fresh_sum.div(fresh_count.clamp_min(1.0).unsqueeze(1)).to(means.scalar_type()).contiguous();
       COLLAPSE_FLOAT_SWITCH(means.scalar_type(), state_t, [&] {
-        compute_type<scalar_t>* centred = a.centred.data_ptr<compute_type<scalar_t>>();
+        compute_type<scalar_t>* centred =
+            return_centred ? a.centred.data_ptr<compute_type<scalar_t>>() : nullptr;
         centre_kernel<<<row_blocks, kThreads, 0, stream>>>(
             x, a.x.stride(0), y, n, d, k, first.const_data_ptr<int64_t>(), slot.const_data_ptr<int64_t>(),
             means.const_data_ptr<state_t>(), fresh.const_data_ptr<state_t>(), centred, sq.data_ptr<double>(),
