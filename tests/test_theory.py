@@ -160,6 +160,7 @@ def test_solve_large_pins_down_the_geometry_on_a_zipf_profile():
     counts = 1000 / (1 + torch.arange(K, dtype=torch.float64)) ** 1.2
     res = lpm.solve_large(counts, 1.0, 8.0)
     assert res.converged.all() and float(res.gram_error[0]) <= 1e-6 and float(res.kkt[0]) <= 1e-8
+    assert 0 < res.lbfgs_seconds <= res.seconds and res.cg_iterations > 0 and res.flops > 0
     again = lpm.solve_large(counts, 2.0, 4.0, seed=1)  # other start, same product
     scale = float(res.gram_W[0].diagonal().max())
     cos = (again.cos_W[0] - res.cos_W[0]).abs().max()

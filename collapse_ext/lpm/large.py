@@ -65,13 +65,15 @@ class LargeLPMResult(LPMResult):
     (module docstring); newton_steps (1,) int64: Newton steps taken (``iterations`` counts
     the L-BFGS ones);
     cg_iterations: total Hessian-vector products; flops: GEMM flops spent (2 K^2 p per
-    K x K x p product); seconds: wall time.
+    K x K x p product); seconds: wall time; lbfgs_seconds: wall time when the L-BFGS phase
+    ended (at KKT <= ``switch_tol``, unless it ran out of iterations).
     """
 
     newton_steps: torch.Tensor | None = None
     cg_iterations: int = 0
     flops: float = 0.0
     seconds: float = 0.0
+    lbfgs_seconds: float = 0.0
 
 
 class _Problem:
@@ -311,6 +313,7 @@ def solve_large(
         if kkt <= switch_tol or opt.state[opt._params[0]].get("d") is None:
             break
     W, H = W.detach().clone(), H.detach().clone()
+    lbfgs_seconds = time.perf_counter() - start
 
     # Phase 2: Riemannian Newton-CG.
     gram_error, newton, cg_total = math.inf, 0, 0
@@ -379,4 +382,5 @@ def solve_large(
         cg_iterations=cg_total,
         flops=2.0 * K * K * p * prob.gemms,
         seconds=time.perf_counter() - start,
+        lbfgs_seconds=lbfgs_seconds,
     )
