@@ -131,9 +131,9 @@ def awkward_rows(k, d, dtype):
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-11)])
 @pytest.mark.parametrize("riesz_s,cdnv_p", [(1.0, 1.0), (2.0, 2.0), (0.5, 1.0), (1.0, 0.7)])
 @pytest.mark.parametrize("baseline", [False, True])
-def test_lane_kernels_cpu(monkeypatch, dtype, rtol, riesz_s, cdnv_p, baseline):
-    # The CPU reduction runs 4 columns per step (AVX2 when the CPU has it, else the x86-64
-    # baseline): K = 203 leaves partial lane groups on every row of the diagonal tiles.
+def test_cpu_reduction_paths(monkeypatch, dtype, rtol, riesz_s, cdnv_p, baseline):
+    # The CPU reduction runs 4 columns per step where the CPU has AVX2+FMA, else pair by
+    # pair (forced by COLLAPSE_EXT_CPU_BASELINE=1): K = 203 leaves partial lane groups.
     if baseline:
         monkeypatch.setenv("COLLAPSE_EXT_CPU_BASELINE", "1")
     rows = awkward_rows(203, 9, dtype)

@@ -8,11 +8,11 @@
 // parallel work; their results are folded in a fixed order and the tile size depends on
 // K alone, so the result does not depend on the number of threads.
 //
-// The reduction is pairwise::add_pair on kLanes columns at once (GCC/Clang vector
-// types): per pair it needs a float64 log and a sqrt or division, which as scalar libm
-// calls cost about three times the tile's GEMM. Branches become lane masks, the log is
-// computed inline, and the loop is compiled twice: for AVX2+FMA where the CPU has them
-// (chosen at run time) and for the x86-64 baseline.
+// The per-pair reduction (pairwise::add_pair) needs a float64 log and a sqrt or division
+// per pair; as scalar libm calls they cost more than the tile's GEMM. On x86-64 CPUs with
+// AVX2+FMA (checked at run time) it runs on 4 lanes at once instead: vector types, masks
+// for add_pair's branches, the log computed inline. Elsewhere the plain add_pair loop runs
+// (the same build: no -march flags).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
@@ -32,12 +32,6 @@
 #include "../common.h"
 #include "../pairwise_stats.h"
 
-// 32-byte vectors only cross always-inlined calls (taken by reference), so GCC's ABI
-// warning for returning them when AVX is off (the baseline build) concerns no real call.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define CE_LANE_INLINE inline __attribute__((always_inline))
-
 namespace collapse_ext {
 namespace {
 
@@ -46,6 +40,41 @@ using pairwise::kNumFields;
 // At most 512 x 512 fp32 = 1 MiB per tile: it stays in L2 between the GEMM and the
 // reduction. Smaller tiles for small K, so that 2-8 threads all get tile pairs.
 constexpr int64_t kMaxTile = 512;
+
+using ReduceTileFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, bool, const double*, const double*,
+                              const double*, const pairwise::Params&, double*);
+
+// Reduces one (ti, tj) Gram tile whose rows start at i0 and columns at j0 into `out`
+// (only c > r on a diagonal tile), row by row with pairwise::add_pair.
+template <typename compute_t>
+void reduce_tile_scalar(const void* tile, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
+                        const double* sq, const double* inv, const double* var, const pairwise::Params& params,
+                        double* out) {
+  const compute_t* gram = static_cast<const compute_t*>(tile);
+  pairwise::init(out);
+  for (int64_t r = 0; r < ti; ++r) {
+    // A local accumulator the compiler keeps in registers (a pointer into `out` might
+    // alias the inputs and force a store per field per pair).
+    double acc[kNumFields];
+    pairwise::init(acc);
+    const int64_t i = i0 + r;
+    const compute_t* g = gram + r * tj;
+    const double sq_i = sq[i], inv_i = inv[i], var_i = var ? var[i] : 0.0;
+    for (int64_t c = diagonal ? r + 1 : 0; c < tj; ++c) {
+      const int64_t j = j0 + c;
+      pairwise::add_pair(acc, static_cast<double>(g[c]), sq_i, sq[j], inv_i, inv[j], var_i, var ? var[j] : 0.0,
+                         params);
+    }
+    pairwise::merge(out, acc);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 32-byte vectors only cross always-inlined calls (taken by reference), so GCC's ABI
+// warning for returning them when AVX is off in the caller concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define CE_LANE_INLINE inline __attribute__((always_inline))
 
 namespace lanes {
 
@@ -61,6 +90,8 @@ CE_LANE_INLINE vd load(const double* p) {
   return v;
 }
 CE_LANE_INLINE vd pick(const vm& m, const vd& a, const vd& b) { return m ? a : b; }
+// pick(m, a, 0) as one and; a masked-off NaN or inf gives +0 too.
+CE_LANE_INLINE vd keep(const vm& m, const vd& a) { return (vd)((vu)a & (vu)m); }
 // The lane forms of pairwise::lo/hi: the same compares, so NaN lanes behave the same.
 CE_LANE_INLINE vd lo(const vd& a, const vd& b) { return b < a ? b : a; }
 CE_LANE_INLINE vd hi(const vd& a, const vd& b) { return b > a ? b : a; }
@@ -117,7 +148,7 @@ CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, i
   const vd zero = splat(0.0), one = splat(1.0), inf = splat(INFINITY);
   vd acc[kNumFields];
   for (int f = 0; f < kNumFields; ++f) acc[f] = splat(pairwise::identity(f));
-  vm column = {};
+  vd column = {};
   for (int l = 0; l < kLanes; ++l) column[l] = l;
   double pairs = 0.0;
   for (int64_t r = 0; r < ti; ++r) {
@@ -131,26 +162,27 @@ CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, i
     const vd sq_i = splat(sq[i]), inv_i = splat(inv[i]);
     const vd var_i = splat(kCdnv != kNoCdnv ? var[i] : 0.0);
     for (int64_t c = first; c < tj; c += kLanes) {
-      const vm in_range = (column + c >= begin) & (column + c < tj);
+      const vd col = column + static_cast<double>(c);
+      const vm in_range = (col >= static_cast<double>(begin)) & (col < static_cast<double>(tj));
       const vd dot = load(dot_row + c), sq_k = load(sq_col + c), inv_k = load(inv_col + c);
       const vd dist_sq = hi(sq_i + sq_k - 2.0 * dot, zero);
       acc[pairwise::kDistSqMax] = hi(acc[pairwise::kDistSqMax], pick(in_range, dist_sq, -inf));
-      acc[pairwise::kDotSqSum] += pick(in_range, dot * dot, zero);
+      acc[pairwise::kDotSqSum] += keep(in_range, dot * dot);
       const vm apart = dist_sq > p.tol * (sq_i + sq_k);
-      acc[pairwise::kCoincident] += pick(in_range & ~apart, one, zero);
+      acc[pairwise::kCoincident] += keep(in_range & ~apart, one);
       if constexpr (kCdnv != kNoCdnv) {
         const vd denom = kCdnv == kCdnvOne ? dist_sq : each(dist_sq, [&](double x) { return std::pow(x, p.cdnv_p); });
-        acc[pairwise::kCdnvSum] += pick(in_range & apart, (var_i + load(var_col + c)) / (2.0 * denom), zero);
+        acc[pairwise::kCdnvSum] += keep(in_range & apart, (var_i + load(var_col + c)) / (2.0 * denom));
       }
       const vm has_cos = in_range & (inv_i != zero) & (inv_k != zero);
       const vd cos = lo(hi(dot * inv_i * inv_k, splat(-1.0)), one);
-      acc[pairwise::kCosPairs] += pick(has_cos, one, zero);
-      acc[pairwise::kCosSum] += pick(has_cos, cos, zero);
+      acc[pairwise::kCosPairs] += keep(has_cos, one);
+      acc[pairwise::kCosSum] += keep(has_cos, cos);
       acc[pairwise::kCosMin] = lo(acc[pairwise::kCosMin], pick(has_cos, cos, inf));
       acc[pairwise::kCosMax] = hi(acc[pairwise::kCosMax], pick(has_cos, cos, -inf));
       const vd shifted = cos + p.etf_shift;
-      acc[pairwise::kEtfAbsSum] += pick(has_cos, abs(shifted), zero);
-      acc[pairwise::kEtfSqSum] += pick(has_cos, shifted * shifted, zero);
+      acc[pairwise::kEtfAbsSum] += keep(has_cos, abs(shifted));
+      acc[pairwise::kEtfSqSum] += keep(has_cos, shifted * shifted);
       const vd unit_sq = hi(2.0 - 2.0 * cos, zero);
       const vm kernel = has_cos & (unit_sq > 2.0 * p.tol);
       const vd u = pick(kernel, unit_sq, one);
@@ -163,11 +195,11 @@ CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, i
       } else {
         riesz = each(p.riesz_s * lg, [](double x) { return std::exp(x); });
       }
-      acc[pairwise::kKernelPairs] += pick(kernel, one, zero);
-      acc[pairwise::kLogSum] += pick(kernel, lg, zero);
-      acc[pairwise::kLogSqSum] += pick(kernel, lg * lg, zero);
-      acc[pairwise::kRieszSum] += pick(kernel, riesz, zero);
-      acc[pairwise::kRieszSqSum] += pick(kernel, riesz * riesz, zero);
+      acc[pairwise::kKernelPairs] += keep(kernel, one);
+      acc[pairwise::kLogSum] += keep(kernel, lg);
+      acc[pairwise::kLogSqSum] += keep(kernel, lg * lg);
+      acc[pairwise::kRieszSum] += keep(kernel, riesz);
+      acc[pairwise::kRieszSqSum] += keep(kernel, riesz * riesz);
     }
   }
   for (int f = 0; f < kNumFields; ++f) {
@@ -177,19 +209,7 @@ CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, i
   out[pairwise::kPairs] = pairs;
 }
 
-using ReduceTileFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, bool, const double*, const double*,
-                              const double*, const pairwise::Params&, double*);
-
-template <typename compute_t, int kRiesz, int kCdnv>
-void reduce_tile_baseline(const void* gram, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
-                          const double* sq, const double* inv, const double* var, const pairwise::Params& p,
-                          double* out) {
-  reduce_tile<compute_t, kRiesz, kCdnv>(static_cast<const compute_t*>(gram), ti, tj, i0, j0, diagonal, sq, inv, var,
-                                        p, out);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// The same loop inlined into an AVX2+FMA function: 4 float64 lanes per instruction.
+// The loop inlined into an AVX2+FMA function (the only place it is compiled).
 template <typename compute_t, int kRiesz, int kCdnv>
 __attribute__((target("avx2,fma"))) void reduce_tile_avx2(const void* gram, int64_t ti, int64_t tj, int64_t i0,
                                                           int64_t j0, bool diagonal, const double* sq,
@@ -198,24 +218,12 @@ __attribute__((target("avx2,fma"))) void reduce_tile_avx2(const void* gram, int6
   reduce_tile<compute_t, kRiesz, kCdnv>(static_cast<const compute_t*>(gram), ti, tj, i0, j0, diagonal, sq, inv, var,
                                         p, out);
 }
-#endif
-
-// COLLAPSE_EXT_CPU_BASELINE=1 keeps the baseline loop on an AVX2 CPU (the tests compare
-// the two).
-template <typename compute_t, int kRiesz, int kCdnv>
-ReduceTileFn pick_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* baseline = std::getenv("COLLAPSE_EXT_CPU_BASELINE");
-  if (!(baseline && baseline[0] == '1') && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return &reduce_tile_avx2<compute_t, kRiesz, kCdnv>;
-#endif
-  return &reduce_tile_baseline<compute_t, kRiesz, kCdnv>;
-}
 
 template <typename compute_t, int kRiesz>
 ReduceTileFn pick_cdnv(const pairwise::Params& p) {
-  if (!p.has_variances) return pick_isa<compute_t, kRiesz, kNoCdnv>();
-  return p.cdnv_p == 1.0 ? pick_isa<compute_t, kRiesz, kCdnvOne>() : pick_isa<compute_t, kRiesz, kCdnvAny>();
+  if (!p.has_variances) return &reduce_tile_avx2<compute_t, kRiesz, kNoCdnv>;
+  if (p.cdnv_p == 1.0) return &reduce_tile_avx2<compute_t, kRiesz, kCdnvOne>;
+  return &reduce_tile_avx2<compute_t, kRiesz, kCdnvAny>;
 }
 
 template <typename compute_t>
@@ -225,6 +233,19 @@ ReduceTileFn pick_reduce_tile(const pairwise::Params& p) {
 }
 
 }  // namespace lanes
+#endif
+
+// The lane loop where the CPU has AVX2+FMA, unless COLLAPSE_EXT_CPU_BASELINE=1 (the tests
+// run both); add_pair pair by pair elsewhere.
+template <typename compute_t>
+ReduceTileFn pick_reduce_tile(const pairwise::Params& p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* baseline = std::getenv("COLLAPSE_EXT_CPU_BASELINE");
+  if (!(baseline && baseline[0] == '1') && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return lanes::pick_reduce_tile<compute_t>(p);
+#endif
+  return &reduce_tile_scalar<compute_t>;
+}
 
 // Squared norms and inverse norms in float64, row by row (a float64 copy of the rows
 // would double the memory).
@@ -262,8 +283,8 @@ at::Tensor pairwise_stats_cpu(const at::Tensor& rows, const std::optional<at::Te
   const double eps = compute == at::kDouble ? std::numeric_limits<double>::epsilon()
                                             : static_cast<double>(std::numeric_limits<float>::epsilon());
   const pairwise::Params params{1.0 / static_cast<double>(m - 1), riesz_s, cdnv_p, v.defined(), 4.0 * eps};
-  const lanes::ReduceTileFn reduce_tile = COLLAPSE_FLOAT_SWITCH(
-      compute, compute_t, [&] { return lanes::pick_reduce_tile<compute_t>(params); });
+  const ReduceTileFn reduce_tile = COLLAPSE_FLOAT_SWITCH(
+      compute, compute_t, [&] { return pick_reduce_tile<compute_t>(params); });
 
   // One parallel region over the tile pairs (i <= j): each thread multiplies its own
   // tiles with a single-threaded GEMM and reduces them. One region instead of one per
