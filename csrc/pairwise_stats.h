@@ -1,6 +1,8 @@
 // The per-pair reduction of pairwise_stats, shared by the CPU and CUDA kernels so both
 // compute exactly the same quantities from one Gram entry. The output layout is
-// collapse_ext.reference.PAIRWISE_FIELDS; keep the two in the same order.
+// collapse_ext.reference.PAIRWISE_FIELDS; keep the two in the same order. The CPU's AVX2
+// loop (lanes::reduce_tile in cpu/pairwise_stats_cpu.cpp) restates add_pair on 4 lanes:
+// a change here goes there too.
 #pragma once
 
 #include <torch/all.h>

@@ -40,7 +40,7 @@ def test_matches_reference(device, dtype, rtol):
 
 
 def test_several_tiles_subset_and_options(device):
-    # 1100 rows: several CPU tiles (138 rows with 2 threads), a partial last tile, diagonal and off-diagonal ones.
+    # 1100 rows: several CPU tiles (138 rows), a partial last tile, diagonal and off-diagonal ones.
     rows = rows_of(1100, 20, seed=2, dtype=torch.float64, device=device)
     variances = torch.rand(1100, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     check(pairwise_stats(rows, variances, None, 2.5, 2.0), rows, variances, None, 2.5, 2.0, rtol=1e-11)
@@ -117,3 +117,42 @@ def test_compiles_under_torch_compile(device):
 
     expected = pairwise_stats_reference((rows - rows.mean(0)).cpu())[F["cos_sum"]]
     torch.testing.assert_close(f(rows).cpu(), expected)
+
+
+def awkward_rows(k, d, dtype):
+    """Rows with repeats, scaled copies (coinciding directions), antipodes and zero rows."""
+    rows = rows_of(k, d, seed=k, dtype=torch.float64)
+    rows[5], rows[9] = rows[3], 2.0 * rows[3]
+    rows[11], rows[17] = -rows[3], 0.0
+    rows[k - 1] = 0.0
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-11)])
+@pytest.mark.parametrize("riesz_s,cdnv_p", [(1.0, 1.0), (2.0, 2.0), (0.5, 1.0), (1.0, 0.7)])
+@pytest.mark.parametrize("baseline", [False, True])
+def test_cpu_reduction_paths(monkeypatch, dtype, rtol, riesz_s, cdnv_p, baseline):
+    # The CPU reduction runs 4 columns per step where the CPU has AVX2+FMA, else pair by
+    # pair (forced by COLLAPSE_EXT_CPU_BASELINE=1): K = 203 leaves partial lane groups.
+    if baseline:
+        monkeypatch.setenv("COLLAPSE_EXT_CPU_BASELINE", "1")
+    rows = awkward_rows(203, 9, dtype)
+    variances = torch.rand(203, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for v in (None, variances):
+        got = pairwise_stats(rows, v, None, riesz_s, cdnv_p)
+        check(got, rows, v, None, riesz_s, cdnv_p, rtol=rtol)
+    assert got[F["coincident"]] == 2 and got[F["pairs"]] == 203 * 202 // 2
+
+
+def test_cpu_threads_do_not_change_the_result():
+    rows = rows_of(1500, 24, seed=7)
+    variances = torch.rand(1500, generator=torch.Generator().manual_seed(8))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(pairwise_stats(rows, variances, None, 0.5, 2.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
