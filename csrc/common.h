@@ -105,23 +105,4 @@ COLLAPSE_HD_INLINE T hd_max(T a, T b) {
   return b > a ? b : a;
 }
 
-// CPU hot loops in two builds: the x86-64 baseline the extension is compiled for (SSE2)
-// and AVX2 + FMA + F16C, chosen at run time (cpu_has_avx2). A loop body written as an
-// always-inline template is compiled into each of two thin entry points, one marked
-// COLLAPSE_TARGET_AVX2; on other compilers and architectures only the baseline exists.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
-#define COLLAPSE_AVX2_CLONES 1
-#define COLLAPSE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define COLLAPSE_ALWAYS_INLINE inline __attribute__((always_inline))
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-#else
-#define COLLAPSE_AVX2_CLONES 0
-#define COLLAPSE_ALWAYS_INLINE inline
-inline bool cpu_has_avx2() { return false; }
-#endif
-
 }  // namespace collapse_ext

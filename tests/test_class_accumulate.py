@@ -46,10 +46,15 @@ def _compare(x, y, state, limit=LIMIT, return_centred=True):
     return status
 
 
+@pytest.mark.parametrize("baseline", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
-def test_matches_reference(device, dtype, state_dtype, label_dtype):
+def test_matches_reference(device, dtype, state_dtype, label_dtype, baseline, monkeypatch):
+    """Both CPU builds of the hot loops: AVX2 + FMA where the CPU has them, and the x86-64
+    baseline (forced by COLLAPSE_EXT_CPU_BASELINE=1)."""
+    if baseline:
+        monkeypatch.setenv("COLLAPSE_EXT_CPU_BASELINE", "1")
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(300, 37, generator=g) * 3 + 100).to(dtype).to(device)
     y = torch.randint(0, 7, (300,), generator=g).to(label_dtype).to(device)
@@ -81,9 +86,12 @@ def test_shapes_and_edges(device, n, d, k, return_centred):
     _compare(x, y, _state(k, d, device, seen=range(0, k, 2)), return_centred=return_centred)
 
 
-def test_zipfian_labels_with_many_classes(device):
+@pytest.mark.parametrize("baseline", [False, True])
+def test_zipfian_labels_with_many_classes(device, baseline, monkeypatch):
     """Vocabulary-like batches: a few frequent classes and a long tail of one-row classes,
     fed in turn (pending counts grow), with and without the centred rows."""
+    if baseline:
+        monkeypatch.setenv("COLLAPSE_EXT_CPU_BASELINE", "1")
     g = torch.Generator().manual_seed(5)
     k, d = 5000, 48
     p = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)

@@ -31,6 +31,7 @@
 
 #include "../class_accumulate.h"
 #include "../common.h"
+#include "simd.h"
 
 namespace collapse_ext {
 namespace {
@@ -121,19 +122,24 @@ const state_t* piece_shift(const Grouping& g, int64_t p, int64_t d, const state_
 template <typename label_t>
 Grouping group_rows(const label_t* y, int64_t n, int64_t num_classes, int64_t threads) {
   Grouping g;
-  std::unordered_map<int64_t, int64_t> group_of;
+  // group_of[k]: the group of class k in this batch, -1 for none: a (K,) table the calling
+  // thread keeps (a hash map cost a few percent of the op at K = 50257); the entries set
+  // here are reset before returning.
+  thread_local std::vector<int64_t> group_of;
+  if (static_cast<int64_t>(group_of.size()) < num_classes) group_of.resize(num_classes, -1);
   std::vector<int64_t> group(n, -1), group_class, group_rows;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
     if (k < 0 || k >= num_classes) continue;
-    const auto [it, added] = group_of.emplace(k, static_cast<int64_t>(group_class.size()));
-    if (added) {
+    if (group_of[k] < 0) {
+      group_of[k] = static_cast<int64_t>(group_class.size());
       group_class.push_back(k);
       group_rows.push_back(0);
     }
-    group[i] = it->second;
-    group_rows[it->second] += 1;
+    group[i] = group_of[k];
+    group_rows[group[i]] += 1;
   }
+  for (const int64_t k : group_class) group_of[k] = -1;
   const int64_t groups = static_cast<int64_t>(group_class.size());
   std::vector<int64_t> next(groups + 1, 0);
   for (int64_t r = 0; r < groups; ++r) next[r + 1] = next[r] + group_rows[r];
@@ -167,7 +173,9 @@ Grouping group_rows(const label_t* y, int64_t n, int64_t num_classes, int64_t th
 // reassociation flags, which GCC's vectoriser needs for a plain float reduction.
 // The helpers are always inlined, so the baseline build's warning about passing such a
 // vector by value (an ABI that differs with AVX) does not apply.
+#if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef double f64x4 __attribute__((vector_size(32)));
 
 template <typename T>

@@ -30,6 +30,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "simd.h"
 #include "../pairwise_stats.h"
 
 namespace collapse_ext {
@@ -69,12 +70,10 @@ void reduce_tile_scalar(const void* tile, int64_t ti, int64_t tj, int64_t i0, in
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if COLLAPSE_AVX2_CLONES
 // 32-byte vectors only cross always-inlined calls (taken by reference), so GCC's ABI
 // warning for returning them when AVX is off in the caller concerns no real call.
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-#define CE_LANE_INLINE inline __attribute__((always_inline))
 
 namespace lanes {
 
@@ -83,25 +82,25 @@ using vd = double __attribute__((vector_size(kLanes * sizeof(double))));
 using vu = uint64_t __attribute__((vector_size(kLanes * sizeof(double))));
 using vm = decltype(vd{} < vd{});  // a lane mask: all bits set or none
 
-CE_LANE_INLINE vd splat(double x) { return vd{} + x; }
-CE_LANE_INLINE vd load(const double* p) {
+COLLAPSE_ALWAYS_INLINE vd splat(double x) { return vd{} + x; }
+COLLAPSE_ALWAYS_INLINE vd load(const double* p) {
   vd v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-CE_LANE_INLINE vd pick(const vm& m, const vd& a, const vd& b) { return m ? a : b; }
+COLLAPSE_ALWAYS_INLINE vd pick(const vm& m, const vd& a, const vd& b) { return m ? a : b; }
 // pick(m, a, 0) as one and; a masked-off NaN or inf gives +0 too.
-CE_LANE_INLINE vd keep(const vm& m, const vd& a) { return (vd)((vu)a & (vu)m); }
+COLLAPSE_ALWAYS_INLINE vd keep(const vm& m, const vd& a) { return (vd)((vu)a & (vu)m); }
 // The lane forms of pairwise::lo/hi: the same compares, so NaN lanes behave the same.
-CE_LANE_INLINE vd lo(const vd& a, const vd& b) { return b < a ? b : a; }
-CE_LANE_INLINE vd hi(const vd& a, const vd& b) { return b > a ? b : a; }
-CE_LANE_INLINE vd abs(const vd& x) { return (vd)((vu)x & 0x7fffffffffffffffULL); }
+COLLAPSE_ALWAYS_INLINE vd lo(const vd& a, const vd& b) { return b < a ? b : a; }
+COLLAPSE_ALWAYS_INLINE vd hi(const vd& a, const vd& b) { return b > a ? b : a; }
+COLLAPSE_ALWAYS_INLINE vd abs(const vd& x) { return (vd)((vu)x & 0x7fffffffffffffffULL); }
 
 // log(x) for positive normal x, within 0.75 ulp (glibc: 0.52). fdlibm's/musl's method:
 // x = 2^e m with m in [sqrt(1/2), sqrt(2)) straight from the bits (one offset add makes
 // the exponent step at sqrt(2)), then log(m) = 2 atanh(s), s = (m - 1) / (m + 1), as an
 // odd series to s^21 (|s| < 0.172: the next term is below 1e-18 of the result).
-CE_LANE_INLINE vd log_pos(const vd& x) {
+COLLAPSE_ALWAYS_INLINE vd log_pos(const vd& x) {
   constexpr uint64_t kSqrtHalf = 0x3fe6a09e667f3bcdULL;
   const vu bits = (vu)x + (0x3ff0000000000000ULL - kSqrtHalf);
   // The biased exponent as a double without an int64 conversion (none in AVX2):
@@ -119,7 +118,7 @@ CE_LANE_INLINE vd log_pos(const vd& x) {
 
 // Lane-wise libm call, for the unusual exponents only.
 template <typename F>
-CE_LANE_INLINE vd each(const vd& x, F f) {
+COLLAPSE_ALWAYS_INLINE vd each(const vd& x, F f) {
   vd y;
   for (int l = 0; l < kLanes; ++l) y[l] = f(x[l]);
   return y;
@@ -134,7 +133,7 @@ enum : int { kNoCdnv, kCdnvOne, kCdnvAny };      // variances, cdnv_p
 // adds 0 (or the min/max identity), and the log gets 1 there, so nothing non-finite is
 // formed. Each lane sums its own columns; the lanes are folded in order at the end.
 template <typename compute_t, int kRiesz, int kCdnv>
-CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
+COLLAPSE_ALWAYS_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, int64_t i0, int64_t j0, bool diagonal,
                                 const double* sq, const double* inv, const double* var, const pairwise::Params& p,
                                 double* out) {
   // The columns' values and one Gram row in float64, padded to whole lane groups.
@@ -211,7 +210,7 @@ CE_LANE_INLINE void reduce_tile(const compute_t* gram, int64_t ti, int64_t tj, i
 
 // The loop inlined into an AVX2+FMA function (the only place it is compiled).
 template <typename compute_t, int kRiesz, int kCdnv>
-__attribute__((target("avx2,fma"))) void reduce_tile_avx2(const void* gram, int64_t ti, int64_t tj, int64_t i0,
+COLLAPSE_TARGET_AVX2 void reduce_tile_avx2(const void* gram, int64_t ti, int64_t tj, int64_t i0,
                                                           int64_t j0, bool diagonal, const double* sq,
                                                           const double* inv, const double* var,
                                                           const pairwise::Params& p, double* out) {
@@ -235,14 +234,12 @@ ReduceTileFn pick_reduce_tile(const pairwise::Params& p) {
 }  // namespace lanes
 #endif
 
-// The lane loop where the CPU has AVX2+FMA, unless COLLAPSE_EXT_CPU_BASELINE=1 (the tests
-// run both); add_pair pair by pair elsewhere.
+// The lane loop where the CPU has AVX2+FMA (cpu_has_avx2: not with
+// COLLAPSE_EXT_CPU_BASELINE=1, so the tests run both); add_pair pair by pair elsewhere.
 template <typename compute_t>
 ReduceTileFn pick_reduce_tile(const pairwise::Params& p) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* baseline = std::getenv("COLLAPSE_EXT_CPU_BASELINE");
-  if (!(baseline && baseline[0] == '1') && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return lanes::pick_reduce_tile<compute_t>(p);
+#if COLLAPSE_AVX2_CLONES
+  if (cpu_has_avx2()) return lanes::pick_reduce_tile<compute_t>(p);
 #endif
   return &reduce_tile_scalar<compute_t>;
 }
