@@ -16,6 +16,7 @@ import glob
 import importlib.util
 import os
 import re
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -67,13 +68,24 @@ class BuildExt(BuildExtension):
             self.build_temp = os.path.join(HERE, "build", "editable")
 
 
+def openmp_flags():
+    """-fopenmp where torch runs on OpenMP (GCC/Clang on Linux). ATen's at::parallel_for is a
+    header template: compiled without OpenMP it runs serially in the extension, whatever
+    torch.get_num_threads() says. The extension then uses torch's libgomp (same soname,
+    already loaded)."""
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     cpp = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No errno from libm: sqrt can then be vectorised (pairwise_stats' lane loop); nothing
     # reads errno.
-    cxx = ["-O3", "-fno-math-errno"]
+    cxx = ["-O3", "-fno-math-errno"] + openmp_flags()
+    link = openmp_flags()
     if not want_cuda():
-        return CppExtension("collapse_ext._C", cpp, extra_compile_args={"cxx": cxx})
+        return CppExtension("collapse_ext._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cxx.append("-DCOLLAPSE_EXT_WITH_CUDA")
     archs = arch_list_define()
@@ -85,6 +97,7 @@ def extension():
         cpp + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(HERE, "csrc")] + pip_cuda_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

@@ -24,7 +24,9 @@ def build_info() -> dict[str, Any]:
     ``cuda_compiled``; ``cuda_built`` (CUDA_VERSION of the toolkit compiled against, as
     "13.0"; None for a CPU-only build) and ``cuda_running`` (``torch.version.cuda``);
     ``cuda_arch_list`` (TORCH_CUDA_ARCH_LIST of the build, None without CUDA);
-    ``openmp_threads`` (ATen's intra-op threads now); ``compiler`` (the C++ compiler's name
+    ``openmp_compiled`` (the CPU kernels were built with OpenMP: their parallel loops use
+    ATen's threads; False means they run serially), ``openmp_threads`` (ATen's intra-op
+    threads now); ``compiler`` (the C++ compiler's name
     and version)."""
     built = _C.build_info()
     return {
@@ -35,6 +37,7 @@ def build_info() -> dict[str, Any]:
         "cuda_built": built["cuda_built"],
         "cuda_running": torch.version.cuda,
         "cuda_arch_list": built["cuda_arch_list"],
+        "openmp_compiled": built["openmp_compiled"],
         "openmp_threads": built["openmp_threads"],
         "compiler": built["compiler"],
     }

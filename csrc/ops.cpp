@@ -65,6 +65,13 @@ py::dict build_info() {
   info["cuda_arch_list"] = py::none();
 #endif
   info["openmp_threads"] = at::get_num_threads();
+  // at::parallel_for is a header template: without OpenMP in this build it runs serially
+  // here whatever torch's thread count.
+#ifdef _OPENMP
+  info["openmp_compiled"] = true;
+#else
+  info["openmp_compiled"] = false;
+#endif
   info["compiler"] = compiler();
   return info;
 }
@@ -77,7 +84,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info,
         "What this extension was compiled with and the threads it runs on, as a dict: torch_built "
         "(torch/version.h), cuda_compiled, cuda_built (CUDA_VERSION of the toolkit, None without CUDA), "
-        "cuda_arch_list (TORCH_CUDA_ARCH_LIST of the build, None without CUDA), openmp_threads "
+        "cuda_arch_list (TORCH_CUDA_ARCH_LIST of the build, None without CUDA), openmp_compiled (whether the "
+        "kernels' at::parallel_for runs on threads), openmp_threads "
         "(at::get_num_threads() now) and compiler.");
 }
 

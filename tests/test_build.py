@@ -9,7 +9,15 @@ import torch
 import collapse_ext
 from collapse_ext import _C, _ops
 
-BUILD_KEYS = {"torch_built", "cuda_compiled", "cuda_built", "cuda_arch_list", "openmp_threads", "compiler"}
+BUILD_KEYS = {
+    "torch_built",
+    "cuda_compiled",
+    "cuda_built",
+    "cuda_arch_list",
+    "openmp_compiled",
+    "openmp_threads",
+    "compiler",
+}
 
 
 class _OnCuda:

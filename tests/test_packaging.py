@@ -34,6 +34,9 @@ def test_build_info_reports_the_build():
     assert info["torch_running"] == torch.__version__
     assert info["cuda_compiled"] == collapse_ext.cuda_compiled()
     assert info["openmp_threads"] == torch.get_num_threads()
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # Without it every at::parallel_for of the CPU kernels runs on one thread.
+        assert info["openmp_compiled"] is True
     assert info["torch_built"] == torch.__version__.split("+")[0]
     if not info["cuda_compiled"]:
         assert info["cuda_built"] is None and info["cuda_arch_list"] is None
@@ -98,4 +101,5 @@ def test_wheel_builds_and_imports_outside_the_checkout(tmp_path):
     assert info["version"] == collapse_ext.__version__
     assert info["torch_built"] == torch.__version__.split("+")[0]
     assert info["cuda_compiled"] is False
+    assert info["openmp_compiled"] is collapse_ext.build_info()["openmp_compiled"]  # the wheel's flags too
     assert info["compiler"]

@@ -98,6 +98,18 @@ std::vector<state_t> fresh_sums_kernel(const scalar_t* x, int64_t row_stride, in
   return fresh;
 }
 
+// Rows are visited in class order, each a fresh random row of the batch or the state:
+// asking for the next one while the current one is summed hides most of the miss latency
+// (the hardware prefetcher only follows a row once it has started).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+#if defined(__GNUC__)
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+#endif
+}
+
 // The batch's rows grouped by class: order[start[p] .. start[p + 1]) are the rows of piece
 // p, all of class piece_class[p] (pieces of one class are consecutive); run_start[t] ..
 // run_start[t + 1] the pieces of thread t.
@@ -262,9 +274,14 @@ void centre_kernel(const scalar_t* x, int64_t row_stride, int64_t d, const Group
   if (cpu_has_avx2()) centre_rows = centre_rows_avx2<scalar_t, state_t, compute_t>;
 #endif
   auto run = [&](int64_t t0, int64_t t1) {
-    for (int64_t p = g.run_start[t0]; p < g.run_start[t1]; ++p)
+    for (int64_t p = g.run_start[t0]; p < g.run_start[t1]; ++p) {
+      if (p + 1 < g.run_start[t1]) {
+        prefetch_row(piece_shift(g, p + 1, d, means, slot, fresh), d);
+        prefetch_row(x + g.order[g.start[p + 1]] * row_stride, d);
+      }
       centre_rows(x, row_stride, d, g.order.data(), g.start[p], g.start[p + 1], piece_shift(g, p, d, means, slot, fresh),
                   centred, sq.data(), finite.data(), g.lone(p) ? nullptr : sums + p * d);
+    }
   };
   if (parallel)
     at::parallel_for(0, runs, 1, run);
@@ -331,6 +348,14 @@ void accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, 
   at::parallel_for(0, classes, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t p0 = class_start[c], p1 = class_start[c + 1];
+      if (c + 1 < c1) {
+        const int64_t next = class_start[c + 1];
+        prefetch_row(sums + g.piece_class[next] * d, d);
+        if (g.lone(next)) {
+          prefetch_row(piece_shift(g, next, d, static_cast<const state_t*>(means), slot, fresh), d);
+          prefetch_row(x + g.order[g.start[next]] * row_stride, d);
+        }
+      }
       const scalar_t* row = g.lone(p0) ? x + g.order[g.start[p0]] * row_stride : nullptr;
       add_pieces(piece_sums, p0, p1, d, row, piece_shift(g, p0, d, static_cast<const state_t*>(means), slot, fresh),
                  sums + g.piece_class[p0] * d);
