@@ -8,11 +8,12 @@
 //      into pieces of at most n / (4 threads) rows, the pieces dealt to the threads in
 //      row-balanced runs; each row centred in float64 (written rounded to the compute
 //      dtype when `centred` is wanted), its squared norm, whether it is finite, and the
-//      piece's float64 sum of its rows in a scratch row; nothing is modified until every
-//      row has passed the checks;
+//      piece's float64 sum of its rows in a scratch row (not for a class with one row in
+//      the batch); nothing is modified until every row has passed the checks;
 //   4. accumulate_kernel: if the batch passed, each class's pieces added to its sums row
-//      (one rounding to the state dtype per class and batch) and the new classes' means
-//      rows written; else `centred` zeroed.
+//      (one rounding to the state dtype per class and batch; a one-row class centred
+//      again and added) and the new classes' means rows written; else `centred` zeroed.
+// The grouping is csrc/cpu/class_grouping.h; the loops come in two builds (simd.h).
 // Grouping by class reads each class's shift once per piece, not once per row, and reads
 // the batch once: at K = 50257 with Zipfian labels the earlier row-parallel pass plus a
 // column-blocked second pass over the batch read each shift row twice per row.
@@ -31,13 +32,17 @@
 
 #include "../class_accumulate.h"
 #include "../common.h"
+#include "class_grouping.h"
 #include "simd.h"
 
 namespace collapse_ext {
 namespace {
 
+using grouping::Grouping;
+using grouping::piece_shift;
+using grouping::prefetch_row;
+
 constexpr int64_t kMinParallelElements = 1 << 18;  // below this, waking a second thread costs more than it saves
-constexpr int64_t kPiecesPerThread = 4;             // a run of pieces is within n / (4 threads) rows of its share
 constexpr int64_t kScratchKeepBytes = 64 << 20;     // the caller thread keeps a scratch up to this size
 
 // Column blocks, one per thread: no two threads touch one element of a (fresh, d) sum.
@@ -98,88 +103,6 @@ std::vector<state_t> fresh_sums_kernel(const scalar_t* x, int64_t row_stride, in
   return fresh;
 }
 
-// Rows are visited in class order, each a fresh random row of the batch or the state:
-// asking for the next one while the current one is summed hides most of the miss latency
-// (the hardware prefetcher only follows a row once it has started).
-template <typename T>
-inline void prefetch_row(const T* row, int64_t d) {
-#if defined(__GNUC__)
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-#endif
-}
-
-// The batch's rows grouped by class: order[start[p] .. start[p + 1]) are the rows of piece
-// p, all of class piece_class[p] (pieces of one class are consecutive); run_start[t] ..
-// run_start[t + 1] the pieces of thread t.
-struct Grouping {
-  std::vector<int64_t> order, start, piece_class, run_start;
-  // Piece p is a class's only piece and holds one row.
-  bool lone(int64_t p) const {
-    const int64_t pieces = static_cast<int64_t>(piece_class.size());
-    return start[p + 1] == start[p] + 1 && (p == 0 || piece_class[p - 1] != piece_class[p]) &&
-           (p + 1 == pieces || piece_class[p + 1] != piece_class[p]);
-  }
-};
-
-// The shift of piece p's rows: its class's means row, or the new class's batch mean.
-template <typename state_t>
-const state_t* piece_shift(const Grouping& g, int64_t p, int64_t d, const state_t* means,
-                           const std::vector<int64_t>& slot, const std::vector<state_t>& fresh) {
-  const int64_t first = g.order[g.start[p]];
-  return slot[first] < 0 ? means + g.piece_class[p] * d : fresh.data() + slot[first] * d;
-}
-
-template <typename label_t>
-Grouping group_rows(const label_t* y, int64_t n, int64_t num_classes, int64_t threads) {
-  Grouping g;
-  // group_of[k]: the group of class k in this batch, -1 for none: a (K,) table the calling
-  // thread keeps (a hash map cost a few percent of the op at K = 50257); the entries set
-  // here are reset before returning.
-  thread_local std::vector<int64_t> group_of;
-  if (static_cast<int64_t>(group_of.size()) < num_classes) group_of.resize(num_classes, -1);
-  std::vector<int64_t> group(n, -1), group_class, group_rows;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = static_cast<int64_t>(y[i]);
-    if (k < 0 || k >= num_classes) continue;
-    if (group_of[k] < 0) {
-      group_of[k] = static_cast<int64_t>(group_class.size());
-      group_class.push_back(k);
-      group_rows.push_back(0);
-    }
-    group[i] = group_of[k];
-    group_rows[group[i]] += 1;
-  }
-  for (const int64_t k : group_class) group_of[k] = -1;
-  const int64_t groups = static_cast<int64_t>(group_class.size());
-  std::vector<int64_t> next(groups + 1, 0);
-  for (int64_t r = 0; r < groups; ++r) next[r + 1] = next[r] + group_rows[r];
-  const int64_t valid = next[groups];
-  const int64_t piece = std::max<int64_t>(1, (valid + kPiecesPerThread * threads - 1) / (kPiecesPerThread * threads));
-  for (int64_t r = 0; r < groups; ++r)
-    for (int64_t s = next[r]; s < next[r + 1]; s += piece) {
-      g.start.push_back(s);
-      g.piece_class.push_back(group_class[r]);
-    }
-  g.start.push_back(valid);
-  g.order.resize(valid);
-  for (int64_t i = 0; i < n; ++i)
-    if (group[i] >= 0) g.order[next[group[i]]++] = i;
-  // Runs of pieces holding about valid / threads rows each.
-  const int64_t pieces = static_cast<int64_t>(g.piece_class.size());
-  g.run_start.assign(1, 0);
-  for (int64_t t = 1, p = 0; t < threads; ++t) {
-    while (p < pieces && g.start[p] * threads < t * valid) ++p;
-    g.run_start.push_back(p);
-  }
-  g.run_start.push_back(pieces);
-  return g;
-}
-
-// Step 3 for the rows order[r0 .. r1) of one piece, all about the shift c: each row
-// centred (and written when `centred` is wanted), its squared norm and finiteness, and
-// their sum in acc (d float64, zeroed here).
 // Four float64 lanes (GCC/Clang vector extension: two SSE2 registers in the baseline
 // build, one AVX2 register in the other). Loops written this way vectorise without
 // reassociation flags, which GCC's vectoriser needs for a plain float reduction.
@@ -195,6 +118,9 @@ COLLAPSE_ALWAYS_INLINE f64x4 load_f64x4(const T* p) {
   return f64x4{to_double(p[0]), to_double(p[1]), to_double(p[2]), to_double(p[3])};
 }
 
+// Step 3 for the rows order[r0 .. r1) of one piece, all about the shift c: each row
+// centred (and written when `centred` is wanted), its squared norm and finiteness, and
+// with kSum their sum in acc (d float64, zeroed here).
 template <bool kSum, typename scalar_t, typename state_t, typename compute_t>
 COLLAPSE_ALWAYS_INLINE void centre_rows_body(const scalar_t* x, int64_t row_stride, int64_t d, const int64_t* order,
                                              int64_t r0, int64_t r1, const state_t* __restrict__ c,
@@ -398,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cpu(const at::Tensor& featur
       const auto fresh =
           fresh_sums_kernel<scalar_t, state_t>(x, a.x.stride(0), n, d, slot, static_cast<int64_t>(fresh_class.size()));
       const bool parallel = n * d >= kMinParallelElements && !at::in_parallel_region();
-      const Grouping g = group_rows(y, n, k, parallel ? std::max<int64_t>(1, at::get_num_threads()) : 1);
+      const Grouping g = grouping::group_rows(y, n, k, parallel ? std::max<int64_t>(1, at::get_num_threads()) : 1);
       std::vector<double> sq(n, 0.0), own;
       std::vector<char> finite(n, 1);
       double* piece_sums = piece_scratch(g.piece_class.size() * d, own);
