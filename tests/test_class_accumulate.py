@@ -29,7 +29,12 @@ def _state(k, d, device, state_dtype=torch.float64, seen=(), seed=0):
 
 def _compare(x, y, state, limit=LIMIT, return_centred=True):
     counts, means, pending, sums, sqsums = state
-    want = class_accumulate_reference(x.cpu(), y.cpu(), *(t.cpu() for t in state), limit, return_centred)
+    # The reference rounds each row to the sums' dtype, as the CUDA op does (in another
+    # order); the CPU op rounds each class's sum once per batch: on the CPU a float32
+    # state's sums are compared with exact (float64) ones.
+    ref_sums = sums.double() if sums.is_cpu else sums
+    ref_state = (counts, means, pending, ref_sums, sqsums)
+    want = class_accumulate_reference(x.cpu(), y.cpu(), *(t.cpu() for t in ref_state), limit, return_centred)
     centred, status = class_accumulate(x, y, counts, means, pending, sums, sqsums, limit, return_centred)
     got = (centred, status, means, pending, sums, sqsums)
     assert centred.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -87,18 +92,29 @@ def test_shapes_and_edges(device, n, d, k, return_centred):
 
 
 @pytest.mark.parametrize("baseline", [False, True])
-def test_zipfian_labels_with_many_classes(device, baseline, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype,state_dtype",
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.bfloat16, torch.float32)],
+)
+@pytest.mark.parametrize("rows", [6000, 300])
+def test_zipfian_labels_with_many_classes(device, baseline, dtype, state_dtype, rows, monkeypatch):
     """Vocabulary-like batches: a few frequent classes and a long tail of one-row classes,
-    fed in turn (pending counts grow), with and without the centred rows."""
+    many of them new (a new one-row class is its own shift, rounded to the state dtype,
+    which float64 features with a float32 state make inexact), fed in turn (pending counts
+    grow), with and without the centred rows; 6000 rows are a parallel batch on the CPU."""
     if baseline:
         monkeypatch.setenv("COLLAPSE_EXT_CPU_BASELINE", "1")
+    if device.type == "cuda" and state_dtype == torch.float32:
+        # The CUDA op rounds each row into a float32 sums row, in atomics order: 700 rows
+        # of a class at offset 50 differ from the reference by more than 1e-6.
+        pytest.skip("float32 sums rounded per row on CUDA")
     g = torch.Generator().manual_seed(5)
     k, d = 5000, 48
     p = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
-    state = _state(k, d, device, seen=range(0, k, 3))
+    state = _state(k, d, device, state_dtype, seen=range(0, k, 3))
     for step in range(3):
-        y = torch.multinomial(p / p.sum(), 6000, replacement=True, generator=g).to(device)
-        x = (torch.randn(6000, d, generator=g) + 50).to(device)
+        y = torch.multinomial(p / p.sum(), rows, replacement=True, generator=g).to(device)
+        x = (torch.randn(rows, d, generator=g, dtype=torch.float64) / 3 + 50).to(dtype).to(device)
         _compare(x, y, state, return_centred=step != 1)
 
 

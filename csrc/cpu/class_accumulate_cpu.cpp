@@ -1,22 +1,23 @@
-// class_accumulate on the CPU (see csrc/class_accumulate.h for the contract), in the
-// steps of the CUDA backend, with the same names:
-//   1. first_rows_kernel: the first row with a bad label, and a slot for each class with
-//      no row yet (the row of `fresh` holding its shift);
-//   2. fresh_sums_kernel (column blocks): float64 sums of the new classes' rows, whose
-//      means, rounded to the state dtype, become their shifts;
-//   3. centre_kernel: the rows grouped by class (a counting sort), a class's rows cut
-//      into pieces of at most n / (4 threads) rows, the pieces dealt to the threads in
-//      row-balanced runs; each row centred in float64 (written rounded to the compute
-//      dtype when `centred` is wanted), its squared norm, whether it is finite, and the
-//      piece's float64 sum of its rows in a scratch row (not for a class with one row in
-//      the batch); nothing is modified until every row has passed the checks;
+// class_accumulate on the CPU (see csrc/class_accumulate.h for the contract):
+//   1. first_bad_label, and the rows grouped by class (csrc/cpu/class_grouping.h: a
+//      counting sort; the classes with two or more rows first, cut into pieces of at
+//      most n / (4 threads) rows dealt to the threads in row-balanced runs, then the
+//      one-row classes, an equal share per thread);
+//   2. shifts_kernel: each piece's shift, its class's means row or, for a class with no
+//      row yet, the float64 mean of its rows in the batch rounded to the state dtype (a
+//      one-row class: the row itself, rounded);
+//   3. centre_kernel: each row centred in float64 (written rounded to the compute dtype
+//      when `centred` is wanted), its squared norm, whether it is finite, and each
+//      grouped piece's float64 sum in a scratch row; nothing is modified until every row
+//      has passed the checks;
 //   4. accumulate_kernel: if the batch passed, each class's pieces added to its sums row
 //      (one rounding to the state dtype per class and batch; a one-row class centred
-//      again and added) and the new classes' means rows written; else `centred` zeroed.
-// The grouping is csrc/cpu/class_grouping.h; the loops come in two builds (simd.h).
-// Grouping by class reads each class's shift once per piece, not once per row, and reads
-// the batch once: at K = 50257 with Zipfian labels the earlier row-parallel pass plus a
-// column-blocked second pass over the batch read each shift row twice per row.
+//      again and added, backwards from the last one centred, while its row and shift are
+//      still in the cache) and the new classes' means rows written; else `centred` zeroed.
+// The loops come in two builds (simd.h). At K = 50257 with Zipfian labels a third of the
+// rows are their class's only row in an 8192-row batch: reading each class's shift once
+// per piece, and the one-row classes' second visit coming from the cache, are what keep
+// the op near the bandwidth of a bare index_add_ (benchmarks/bench_lm.py).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
@@ -27,7 +28,6 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "../class_accumulate.h"
@@ -39,68 +39,83 @@ namespace collapse_ext {
 namespace {
 
 using grouping::Grouping;
-using grouping::piece_shift;
 using grouping::prefetch_row;
 
 constexpr int64_t kMinParallelElements = 1 << 18;  // below this, waking a second thread costs more than it saves
 constexpr int64_t kScratchKeepBytes = 64 << 20;     // the caller thread keeps a scratch up to this size
 
-// Column blocks, one per thread: no two threads touch one element of a (fresh, d) sum.
-// add_columns(j0, j1) handles columns [j0, j1) of every row.
-template <typename F>
-void by_columns(int64_t n, int64_t d, F add_columns) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block =
-      std::max<int64_t>(1, n * d >= kMinParallelElements ? std::max<int64_t>(16, (d + threads - 1) / threads) : d);
-  at::parallel_for(0, (d + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    add_columns(b0 * block, std::min(d, b1 * block));
-  });
+// Step 1. The first row with a label outside [0, K), -1 when there is none.
+template <typename label_t>
+int64_t first_bad_label(const label_t* y, int64_t n, int64_t num_classes) {
+  for (int64_t i = 0; i < n; ++i)
+    if (static_cast<int64_t>(y[i]) < 0 || static_cast<int64_t>(y[i]) >= num_classes) return i;
+  return -1;
 }
 
-// Step 1. slot[i]: the row of `fresh` of row i's class when that class has no row yet
-// (counts_k + pending_k == 0), -1 otherwise; fresh_class[s]: the class of slot s.
-// Returns the first row with a label outside [0, K), -1 when there is none.
-template <typename label_t>
-int64_t first_rows_kernel(const label_t* y, int64_t n, int64_t num_classes, const int64_t* counts,
-                          const int64_t* pending, std::vector<int64_t>& slot, std::vector<int64_t>& fresh_class) {
-  std::unordered_map<int64_t, int64_t> slot_of;
-  int64_t bad_label = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = static_cast<int64_t>(y[i]);
-    if (k < 0 || k >= num_classes) {
-      if (bad_label < 0) bad_label = i;
+// The shift of each piece's rows: its class's means row; for a class with no row yet
+// (counts_k + pending_k == 0) and two or more rows in the batch, the mean of those rows
+// (float64 sums, rounded once to the state dtype) in a row of `fresh`; for such a class
+// with one row, nullptr: the row is its own shift (rounded to the state dtype).
+// A single row elsewhere would leave a rank-one spike of d times the within-class
+// variance in the float32 products, which costs digits until the next fold.
+template <typename state_t>
+struct Shifts {
+  std::vector<const state_t*> of_piece;
+  std::vector<state_t> fresh;  // the fresh rows, one per new class of two or more rows
+  const state_t* means;
+  // Whether piece p's class is new with two or more rows (its means row is fresh's).
+  bool fresh_row(const Grouping& g, int64_t p, int64_t d) const {
+    return of_piece[p] != nullptr && of_piece[p] != means + g.piece_class[p] * d;
+  }
+};
+
+// Step 2. Every piece's shift, and the float64 sums of the new classes' rows (a class's
+// pieces are consecutive; classes go to the threads).
+template <typename scalar_t, typename state_t>
+Shifts<state_t> shifts_kernel(const scalar_t* x, int64_t row_stride, int64_t d, const Grouping& g,
+                              const int64_t* counts, const int64_t* pending, const state_t* means, bool parallel) {
+  Shifts<state_t> s;
+  s.means = means;
+  const int64_t pieces = g.pieces();
+  s.of_piece.resize(pieces);
+  std::vector<int64_t> first_piece, fresh_of_piece(pieces, -1);
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t k = g.piece_class[p];
+    s.of_piece[p] = means + k * d;
+    if (counts[k] + pending[k] != 0) continue;
+    if (g.lone(p)) {
+      s.of_piece[p] = nullptr;
       continue;
     }
-    if (counts[k] + pending[k] != 0) continue;
-    const auto [it, added] = slot_of.emplace(k, static_cast<int64_t>(fresh_class.size()));
-    if (added) fresh_class.push_back(k);
-    slot[i] = it->second;
+    if (p == 0 || g.piece_class[p - 1] != k) first_piece.push_back(p);
+    fresh_of_piece[p] = static_cast<int64_t>(first_piece.size()) - 1;
   }
-  return bad_label;
-}
-
-// Step 2. The shift of each new class: the mean of its rows in this batch (float64 sums,
-// rounded once to the state dtype). A single row would leave a rank-one spike of d times
-// the within-class variance in the float32 products, which costs digits until the next fold.
-template <typename scalar_t, typename state_t>
-std::vector<state_t> fresh_sums_kernel(const scalar_t* x, int64_t row_stride, int64_t n, int64_t d,
-                                       const std::vector<int64_t>& slot, int64_t fresh_rows) {
-  std::vector<double> fresh_sum(fresh_rows * d, 0.0), fresh_count(fresh_rows, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    if (slot[i] >= 0) fresh_count[slot[i]] += 1.0;
-  if (fresh_rows > 0)
-    by_columns(n, d, [&](int64_t j0, int64_t j1) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (slot[i] < 0) continue;
-        double* sum = fresh_sum.data() + slot[i] * d;
-        const scalar_t* row = x + i * row_stride;
-        for (int64_t j = j0; j < j1; ++j) sum[j] += to_double(row[j]);
-      }
-    });
-  std::vector<state_t> fresh(fresh_rows * d);
-  for (int64_t r = 0; r < fresh_rows; ++r)
-    for (int64_t j = 0; j < d; ++j) fresh[r * d + j] = static_cast<state_t>(fresh_sum[r * d + j] / fresh_count[r]);
-  return fresh;
+  const int64_t fresh = static_cast<int64_t>(first_piece.size());
+  if (fresh == 0) return s;
+  s.fresh.resize(fresh * d);
+  auto sum_classes = [&](int64_t f0, int64_t f1) {
+    std::vector<double> sum(d);
+    for (int64_t f = f0; f < f1; ++f) {
+      std::fill(sum.begin(), sum.end(), 0.0);
+      int64_t p = first_piece[f];
+      const int64_t k = g.piece_class[p];
+      for (; p < g.lone_start && g.piece_class[p] == k; ++p)
+        for (int64_t r = g.start[p]; r < g.start[p + 1]; ++r) {
+          const scalar_t* row = x + g.order[r] * row_stride;
+          for (int64_t j = 0; j < d; ++j) sum[j] += to_double(row[j]);
+        }
+      const double rows = static_cast<double>(g.start[p] - g.start[first_piece[f]]);
+      state_t* out = s.fresh.data() + f * d;
+      for (int64_t j = 0; j < d; ++j) out[j] = static_cast<state_t>(sum[j] / rows);
+    }
+  };
+  if (parallel)
+    at::parallel_for(0, fresh, 1, sum_classes);
+  else
+    sum_classes(0, fresh);
+  for (int64_t p = 0; p < pieces; ++p)
+    if (fresh_of_piece[p] >= 0) s.of_piece[p] = s.fresh.data() + fresh_of_piece[p] * d;
+  return s;
 }
 
 // Four float64 lanes (GCC/Clang vector extension: two SSE2 registers in the baseline
@@ -121,7 +136,17 @@ COLLAPSE_ALWAYS_INLINE f64x4 load_f64x4(const T* p) {
 // Step 3 for the rows order[r0 .. r1) of one piece, all about the shift c: each row
 // centred (and written when `centred` is wanted), its squared norm and finiteness, and
 // with kSum their sum in acc (d float64, zeroed here).
-template <bool kSum, typename scalar_t, typename state_t, typename compute_t>
+// A new class's only row is its own shift, rounded to the state dtype: c = round(h).
+template <typename state_t, typename T>
+COLLAPSE_ALWAYS_INLINE f64x4 own_shift_f64x4(const T* p) {
+  return f64x4{static_cast<double>(static_cast<state_t>(to_double(p[0]))),
+               static_cast<double>(static_cast<state_t>(to_double(p[1]))),
+               static_cast<double>(static_cast<state_t>(to_double(p[2]))),
+               static_cast<double>(static_cast<state_t>(to_double(p[3])))};
+}
+
+// With kOwn (c == nullptr) each row is its own shift (own_shift_f64x4).
+template <bool kSum, bool kOwn, typename scalar_t, typename state_t, typename compute_t>
 COLLAPSE_ALWAYS_INLINE void centre_rows_body(const scalar_t* x, int64_t row_stride, int64_t d, const int64_t* order,
                                              int64_t r0, int64_t r1, const state_t* __restrict__ c,
                                              compute_t* centred, double* sq, char* finite, double* __restrict__ acc) {
@@ -130,11 +155,25 @@ COLLAPSE_ALWAYS_INLINE void centre_rows_body(const scalar_t* x, int64_t row_stri
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = order[r];
     const scalar_t* __restrict__ row = x + i * row_stride;
+    auto shift = [&](int64_t j) {
+      if constexpr (kOwn)
+        return static_cast<double>(static_cast<state_t>(to_double(row[j])));
+      else
+        return static_cast<double>(c[j]);
+    };
+    if (r + 1 < r1) grouping::prefetch_row(x + order[r + 1] * row_stride, d);
     // probe is NaN iff some feature is NaN or Inf.
     f64x4 s0 = {}, s1 = {}, p0 = {}, p1 = {};
     for (int64_t j = 0; j < body; j += 8) {
       const f64x4 va = load_f64x4(row + j), vb = load_f64x4(row + j + 4);
-      const f64x4 ea = va - load_f64x4(c + j), eb = vb - load_f64x4(c + j + 4);
+      f64x4 ea, eb;
+      if constexpr (kOwn) {
+        ea = va - own_shift_f64x4<state_t>(row + j);
+        eb = vb - own_shift_f64x4<state_t>(row + j + 4);
+      } else {
+        ea = va - load_f64x4(c + j);
+        eb = vb - load_f64x4(c + j + 4);
+      }
       s0 += ea * ea;
       s1 += eb * eb;
       p0 += va * 0.0;
@@ -152,7 +191,7 @@ COLLAPSE_ALWAYS_INLINE void centre_rows_body(const scalar_t* x, int64_t row_stri
     double s = (sv[0] + sv[1]) + (sv[2] + sv[3]), probe = (pv[0] + pv[1]) + (pv[2] + pv[3]);
     for (int64_t j = body; j < d; ++j) {
       const double v = to_double(row[j]);
-      const double e = v - static_cast<double>(c[j]);
+      const double e = v - shift(j);
       s += e * e;
       probe += v * 0.0;
       if constexpr (kSum) acc[j] += e;
@@ -161,20 +200,23 @@ COLLAPSE_ALWAYS_INLINE void centre_rows_body(const scalar_t* x, int64_t row_stri
     finite[i] = probe == 0.0;
     if (centred != nullptr) {
       compute_t* __restrict__ out = centred + i * d;
-      for (int64_t j = 0; j < d; ++j) out[j] = static_cast<compute_t>(to_double(row[j]) - static_cast<double>(c[j]));
+      for (int64_t j = 0; j < d; ++j) out[j] = static_cast<compute_t>(to_double(row[j]) - shift(j));
     }
   }
 }
 
 // acc == nullptr: a piece of one row, whose class has no other piece (the row is added
-// to its sums row directly in step 4, which saves writing and reading back d float64).
+// to its sums row directly in step 4, which saves writing and reading back d float64);
+// c == nullptr too: that class is new (the row is its own shift).
 template <typename scalar_t, typename state_t, typename compute_t>
 void centre_rows_base(const scalar_t* x, int64_t row_stride, int64_t d, const int64_t* order, int64_t r0, int64_t r1,
                       const state_t* c, compute_t* centred, double* sq, char* finite, double* acc) {
-  if (acc == nullptr)
-    centre_rows_body<false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+  if (c == nullptr)
+    centre_rows_body<false, true>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+  else if (acc == nullptr)
+    centre_rows_body<false, false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
   else
-    centre_rows_body<true>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+    centre_rows_body<true, false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
 }
 
 #if COLLAPSE_AVX2_CLONES
@@ -182,45 +224,64 @@ template <typename scalar_t, typename state_t, typename compute_t>
 COLLAPSE_TARGET_AVX2 void centre_rows_avx2(const scalar_t* x, int64_t row_stride, int64_t d, const int64_t* order,
                                            int64_t r0, int64_t r1, const state_t* c, compute_t* centred, double* sq,
                                            char* finite, double* acc) {
-  if (acc == nullptr)
-    centre_rows_body<false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+  if (c == nullptr)
+    centre_rows_body<false, true>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+  else if (acc == nullptr)
+    centre_rows_body<false, false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
   else
-    centre_rows_body<true>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
+    centre_rows_body<true, false>(x, row_stride, d, order, r0, r1, c, centred, sq, finite, acc);
 }
 #endif
 
-// Step 3. sums: row p of the scratch, the float64 sum of piece p's centred rows.
+// Step 3. sums: row p of the scratch, the float64 sum of piece p's centred rows (for the
+// pieces before g.lone_start). The one-row classes come last, each thread's in order, so
+// that step 4, visiting them first and backwards, finds the latest of their rows and
+// shifts still in the cache.
 template <typename scalar_t, typename state_t, typename compute_t>
-void centre_kernel(const scalar_t* x, int64_t row_stride, int64_t d, const Grouping& g, const state_t* means,
-                   const std::vector<int64_t>& slot, const std::vector<state_t>& fresh, compute_t* centred,
+void centre_kernel(const scalar_t* x, int64_t row_stride, int64_t d, const Grouping& g, const Shifts<state_t>& shifts,
+                   compute_t* centred,
                    std::vector<double>& sq, std::vector<char>& finite, double* sums, bool parallel) {
-  const int64_t runs = static_cast<int64_t>(g.run_start.size()) - 1;
   auto centre_rows = centre_rows_base<scalar_t, state_t, compute_t>;
 #if COLLAPSE_AVX2_CLONES
   if (cpu_has_avx2()) centre_rows = centre_rows_avx2<scalar_t, state_t, compute_t>;
 #endif
-  auto run = [&](int64_t t0, int64_t t1) {
-    for (int64_t p = g.run_start[t0]; p < g.run_start[t1]; ++p) {
-      if (p + 1 < g.run_start[t1]) {
-        prefetch_row(piece_shift(g, p + 1, d, means, slot, fresh), d);
+  auto pieces = [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      if (p + 1 < last) {
+        if (shifts.of_piece[p + 1] != nullptr) prefetch_row(shifts.of_piece[p + 1], d);
         prefetch_row(x + g.order[g.start[p + 1]] * row_stride, d);
       }
-      centre_rows(x, row_stride, d, g.order.data(), g.start[p], g.start[p + 1], piece_shift(g, p, d, means, slot, fresh),
-                  centred, sq.data(), finite.data(), g.lone(p) ? nullptr : sums + p * d);
+      centre_rows(x, row_stride, d, g.order.data(), g.start[p], g.start[p + 1], shifts.of_piece[p], centred, sq.data(), finite.data(), g.lone(p) ? nullptr : sums + p * d);
+    }
+  };
+  auto run = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) pieces(g.run_start[t], g.run_start[t + 1]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [first, last] = g.lone_run(t);
+      pieces(first, last);
     }
   };
   if (parallel)
-    at::parallel_for(0, runs, 1, run);
+    at::parallel_for(0, g.threads, 1, run);
   else
-    run(0, runs);
+    run(0, g.threads);
 }
 
 // Step 4: the pieces p0 .. p1 of one class summed in float64 and added to its sums row;
-// a lone row (row != nullptr) is centred again about c and added.
+// a lone row (row != nullptr) is centred again about c and added, or, for a new class
+// (c == nullptr), about itself rounded, which becomes its means row `mean`.
 template <typename scalar_t, typename state_t>
 COLLAPSE_ALWAYS_INLINE void add_pieces_body(const double* __restrict__ piece_sums, int64_t p0, int64_t p1, int64_t d,
                                             const scalar_t* __restrict__ row, const state_t* __restrict__ c,
-                                            state_t* __restrict__ sum) {
+                                            state_t* __restrict__ sum, state_t* __restrict__ mean) {
+  if (row != nullptr && c == nullptr) {
+    for (int64_t j = 0; j < d; ++j) {
+      const double v = to_double(row[j]);
+      mean[j] = static_cast<state_t>(v);
+      sum[j] += static_cast<state_t>(v - static_cast<double>(mean[j]));
+    }
+    return;
+  }
   if (row != nullptr) {
     for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<state_t>(to_double(row[j]) - static_cast<double>(c[j]));
     return;
@@ -239,55 +300,63 @@ COLLAPSE_ALWAYS_INLINE void add_pieces_body(const double* __restrict__ piece_sum
 
 template <typename scalar_t, typename state_t>
 void add_pieces_base(const double* piece_sums, int64_t p0, int64_t p1, int64_t d, const scalar_t* row,
-                     const state_t* c, state_t* sum) {
-  add_pieces_body(piece_sums, p0, p1, d, row, c, sum);
+                     const state_t* c, state_t* sum, state_t* mean) {
+  add_pieces_body(piece_sums, p0, p1, d, row, c, sum, mean);
 }
 
 #if COLLAPSE_AVX2_CLONES
 template <typename scalar_t, typename state_t>
 COLLAPSE_TARGET_AVX2 void add_pieces_avx2(const double* piece_sums, int64_t p0, int64_t p1, int64_t d,
-                                          const scalar_t* row, const state_t* c, state_t* sum) {
-  add_pieces_body(piece_sums, p0, p1, d, row, c, sum);
+                                          const scalar_t* row, const state_t* c, state_t* sum, state_t* mean) {
+  add_pieces_body(piece_sums, p0, p1, d, row, c, sum, mean);
 }
 #endif
 
-// Step 4, for an accepted batch: every row has a shift; the pieces of one class are
-// summed in float64 and added to its sums row once.
+// Step 4, for an accepted batch: the pieces of one class are summed in float64 and added
+// to its sums row once; a new class's shift becomes its means row.
 template <typename scalar_t, typename label_t, typename state_t>
 void accumulate_kernel(const scalar_t* x, int64_t row_stride, const label_t* y, int64_t n, int64_t d,
                        const Grouping& g, const double* piece_sums, const std::vector<double>& sq,
-                       const std::vector<int64_t>& slot, const std::vector<state_t>& fresh,
-                       const std::vector<int64_t>& fresh_class, state_t* means, int64_t* pending, state_t* sums,
+                       const Shifts<state_t>& shifts, state_t* means, int64_t* pending, state_t* sums,
                        double* sqsums) {
   auto add_pieces = add_pieces_base<scalar_t, state_t>;
 #if COLLAPSE_AVX2_CLONES
   if (cpu_has_avx2()) add_pieces = add_pieces_avx2<scalar_t, state_t>;
 #endif
-  // Classes own disjoint sums rows: runs of whole classes go to the threads.
-  const int64_t pieces = static_cast<int64_t>(g.piece_class.size());
+  auto add_class = [&](int64_t p0, int64_t p1) {
+    const int64_t k = g.piece_class[p0];
+    const scalar_t* row = g.lone(p0) ? x + g.order[g.start[p0]] * row_stride : nullptr;
+    add_pieces(piece_sums, p0, p1, d, row, shifts.of_piece[p0], sums + k * d, means + k * d);
+    if (shifts.fresh_row(g, p0, d)) std::copy_n(shifts.of_piece[p0], d, means + k * d);
+  };
+  auto prefetch_lone = [&](int64_t p) {
+    prefetch_row(sums + g.piece_class[p] * d, d);
+    prefetch_row(shifts.of_piece[p] != nullptr ? shifts.of_piece[p] : means + g.piece_class[p] * d, d);
+    prefetch_row(x + g.order[g.start[p]] * row_stride, d);
+  };
+  // The one-row classes: each thread its own, backwards from the last it centred.
+  at::parallel_for(0, g.threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [first, last] = g.lone_run(t);
+      for (int64_t p = last - 1; p >= first; --p) {
+        if (p > first) prefetch_lone(p - 1);
+        add_class(p, p + 1);
+      }
+    }
+  });
+  // The grouped classes own disjoint sums rows: runs of whole classes go to the threads.
   std::vector<int64_t> class_start;
-  for (int64_t p = 0; p < pieces; ++p)
+  for (int64_t p = 0; p < g.lone_start; ++p)
     if (p == 0 || g.piece_class[p] != g.piece_class[p - 1]) class_start.push_back(p);
-  class_start.push_back(pieces);
+  class_start.push_back(g.lone_start);
   const int64_t classes = static_cast<int64_t>(class_start.size()) - 1;
   const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(d, 1));
   at::parallel_for(0, classes, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t p0 = class_start[c], p1 = class_start[c + 1];
-      if (c + 1 < c1) {
-        const int64_t next = class_start[c + 1];
-        prefetch_row(sums + g.piece_class[next] * d, d);
-        if (g.lone(next)) {
-          prefetch_row(piece_shift(g, next, d, static_cast<const state_t*>(means), slot, fresh), d);
-          prefetch_row(x + g.order[g.start[next]] * row_stride, d);
-        }
-      }
-      const scalar_t* row = g.lone(p0) ? x + g.order[g.start[p0]] * row_stride : nullptr;
-      add_pieces(piece_sums, p0, p1, d, row, piece_shift(g, p0, d, static_cast<const state_t*>(means), slot, fresh),
-                 sums + g.piece_class[p0] * d);
+      if (c + 1 < c1) prefetch_row(sums + g.piece_class[class_start[c + 1]] * d, d);
+      add_class(class_start[c], class_start[c + 1]);
     }
   });
-  for (size_t r = 0; r < fresh_class.size(); ++r) std::copy_n(fresh.data() + r * d, d, means + fresh_class[r] * d);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = static_cast<int64_t>(y[i]);
     pending[k] += 1;
@@ -318,18 +387,16 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cpu(const at::Tensor& featur
     const label_t* y = a.y.const_data_ptr<label_t>();
     compute_type<scalar_t>* centred = return_centred ? a.centred.data_ptr<compute_type<scalar_t>>() : nullptr;
     COLLAPSE_FLOAT_SWITCH(means.scalar_type(), state_t, [&] {
-      std::vector<int64_t> slot(n, -1), fresh_class;
-      const int64_t bad_label = first_rows_kernel(y, n, k, counts.const_data_ptr<int64_t>(),
-                                                  pending.const_data_ptr<int64_t>(), slot, fresh_class);
-      const auto fresh =
-          fresh_sums_kernel<scalar_t, state_t>(x, a.x.stride(0), n, d, slot, static_cast<int64_t>(fresh_class.size()));
+      const int64_t bad_label = first_bad_label(y, n, k);
       const bool parallel = n * d >= kMinParallelElements && !at::in_parallel_region();
       const Grouping g = grouping::group_rows(y, n, k, parallel ? std::max<int64_t>(1, at::get_num_threads()) : 1);
+      const Shifts<state_t> shifts =
+          shifts_kernel(x, a.x.stride(0), d, g, counts.const_data_ptr<int64_t>(), pending.const_data_ptr<int64_t>(),
+                        means.const_data_ptr<state_t>(), parallel);
       std::vector<double> sq(n, 0.0), own;
       std::vector<char> finite(n, 1);
-      double* piece_sums = piece_scratch(g.piece_class.size() * d, own);
-      centre_kernel(x, a.x.stride(0), d, g, means.const_data_ptr<state_t>(), slot, fresh, centred, sq, finite,
-                    piece_sums, parallel);
+      double* piece_sums = piece_scratch(g.lone_start * d, own);
+      centre_kernel(x, a.x.stride(0), d, g, shifts, centred, sq, finite, piece_sums, parallel);
 
       int64_t bad_row = -1;
       double peak = 0.0;
@@ -347,8 +414,7 @@ std::tuple<at::Tensor, at::Tensor> class_accumulate_cpu(const at::Tensor& featur
       status[2] = static_cast<double>(bad_label);
       status[3] = static_cast<double>(bad_row);
       if (accepted)
-        accumulate_kernel(x, a.x.stride(0), y, n, d, g, piece_sums, sq, slot, fresh, fresh_class, means.data_ptr<state_t>(),
-                          pending.data_ptr<int64_t>(), sums.data_ptr<state_t>(), sqsums.data_ptr<double>());
+        accumulate_kernel(x, a.x.stride(0), y, n, d, g, piece_sums, sq, shifts, means.data_ptr<state_t>(), pending.data_ptr<int64_t>(), sums.data_ptr<state_t>(), sqsums.data_ptr<double>());
       else if (centred != nullptr)
         std::fill(centred, centred + n * d, compute_type<scalar_t>(0));
     });

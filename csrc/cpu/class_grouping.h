@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace collapse_ext {
@@ -24,25 +25,22 @@ inline void prefetch_row(const T* row, int64_t d) {
 }
 
 // The batch's rows grouped by class: order[start[p] .. start[p + 1]) are the rows of piece
-// p, all of class piece_class[p] (pieces of one class are consecutive); run_start[t] ..
-// run_start[t + 1] the pieces of thread t.
+// p, all of class piece_class[p] (pieces of one class are consecutive). The classes with
+// two or more rows come first, cut into pieces; run_start[t] .. run_start[t + 1] are
+// thread t's pieces of them. The classes with one row follow, one piece each, from
+// lone_start on: thread t's are lone_run(t).
 struct Grouping {
   std::vector<int64_t> order, start, piece_class, run_start;
+  int64_t lone_start = 0, threads = 1;
+  int64_t pieces() const { return static_cast<int64_t>(piece_class.size()); }
   // Piece p is a class's only piece and holds one row.
-  bool lone(int64_t p) const {
-    const int64_t pieces = static_cast<int64_t>(piece_class.size());
-    return start[p + 1] == start[p] + 1 && (p == 0 || piece_class[p - 1] != piece_class[p]) &&
-           (p + 1 == pieces || piece_class[p + 1] != piece_class[p]);
+  bool lone(int64_t p) const { return p >= lone_start; }
+  // Thread t's share of the one-row pieces, [first, last).
+  std::pair<int64_t, int64_t> lone_run(int64_t t) const {
+    const int64_t count = pieces() - lone_start;
+    return {lone_start + count * t / threads, lone_start + count * (t + 1) / threads};
   }
 };
-
-// The shift of piece p's rows: its class's means row, or the new class's batch mean.
-template <typename state_t>
-const state_t* piece_shift(const Grouping& g, int64_t p, int64_t d, const state_t* means,
-                           const std::vector<int64_t>& slot, const std::vector<state_t>& fresh) {
-  const int64_t first = g.order[g.start[p]];
-  return slot[first] < 0 ? means + g.piece_class[p] * d : fresh.data() + slot[first] * d;
-}
 
 template <typename label_t>
 Grouping group_rows(const label_t* y, int64_t n, int64_t num_classes, int64_t threads) {
@@ -65,28 +63,43 @@ Grouping group_rows(const label_t* y, int64_t n, int64_t num_classes, int64_t th
     group_rows[group[i]] += 1;
   }
   for (const int64_t k : group_class) group_of[k] = -1;
+  // The groups in place order: those of two or more rows, then those of one.
   const int64_t groups = static_cast<int64_t>(group_class.size());
-  std::vector<int64_t> next(groups + 1, 0);
-  for (int64_t r = 0; r < groups; ++r) next[r + 1] = next[r] + group_rows[r];
-  const int64_t valid = next[groups];
-  const int64_t piece = std::max<int64_t>(1, (valid + kPiecesPerThread * threads - 1) / (kPiecesPerThread * threads));
+  std::vector<int64_t> place(groups);
+  int64_t multi = 0;
   for (int64_t r = 0; r < groups; ++r)
+    if (group_rows[r] > 1) place[r] = multi++;
+  for (int64_t r = 0, lone = multi; r < groups; ++r)
+    if (group_rows[r] == 1) place[r] = lone++;
+  std::vector<int64_t> rows_at(groups), class_at(groups);
+  for (int64_t r = 0; r < groups; ++r) {
+    rows_at[place[r]] = group_rows[r];
+    class_at[place[r]] = group_class[r];
+  }
+  std::vector<int64_t> next(groups + 1, 0);
+  for (int64_t r = 0; r < groups; ++r) next[r + 1] = next[r] + rows_at[r];
+  const int64_t valid = next[groups], grouped = next[multi];
+  const int64_t piece = std::max<int64_t>(1, (grouped + kPiecesPerThread * threads - 1) / (kPiecesPerThread * threads));
+  for (int64_t r = 0; r < groups; ++r) {
+    if (r == multi) g.lone_start = static_cast<int64_t>(g.piece_class.size());
     for (int64_t s = next[r]; s < next[r + 1]; s += piece) {
       g.start.push_back(s);
-      g.piece_class.push_back(group_class[r]);
+      g.piece_class.push_back(class_at[r]);
     }
+  }
+  if (multi == groups) g.lone_start = static_cast<int64_t>(g.piece_class.size());
   g.start.push_back(valid);
   g.order.resize(valid);
   for (int64_t i = 0; i < n; ++i)
-    if (group[i] >= 0) g.order[next[group[i]]++] = i;
-  // Runs of pieces holding about valid / threads rows each.
-  const int64_t pieces = static_cast<int64_t>(g.piece_class.size());
+    if (group[i] >= 0) g.order[next[place[group[i]]]++] = i;
+  // Runs of the grouped pieces holding about grouped / threads rows each.
+  g.threads = threads;
   g.run_start.assign(1, 0);
   for (int64_t t = 1, p = 0; t < threads; ++t) {
-    while (p < pieces && g.start[p] * threads < t * valid) ++p;
+    while (p < g.lone_start && g.start[p] * threads < t * grouped) ++p;
     g.run_start.push_back(p);
   }
-  g.run_start.push_back(pieces);
+  g.run_start.push_back(g.lone_start);
   return g;
 }
 
