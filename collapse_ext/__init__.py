@@ -4,6 +4,7 @@ from . import lpm
 from ._build import build_info
 from ._ops import (
     class_accumulate,
+    class_fold,
     class_stats,
     cuda_compiled,
     lpm_step,
@@ -49,6 +50,7 @@ __all__ = [
     "CollapseMetrics",
     "SeparationLaw",
     "class_accumulate",
+    "class_fold",
     "class_stats",
     "collapse_metrics",
     "cuda_compiled",

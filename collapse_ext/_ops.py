@@ -13,6 +13,7 @@ from . import _C
 __all__ = [
     "PAIRWISE_FIELDS",
     "class_accumulate",
+    "class_fold",
     "class_stats",
     "cuda_compiled",
     "lpm_step",
@@ -103,6 +104,34 @@ def class_accumulate(
     return torch.ops.collapse_ext.class_accumulate.default(
         features, labels, counts, means, pending, sums, sqsums, limit, return_centred
     )
+
+
+def class_fold(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    pending: torch.Tensor,
+    sums: torch.Tensor,
+    sqsums: torch.Tensor,
+    sqdev: torch.Tensor,
+) -> None:
+    """Fold a pending block of class statistics (``class_accumulate``'s) into the folded
+    state, in place, for every class with pending_k > 0 (others are not visited).
+
+    counts, pending: (K,) int64; means, sums: (K, d) float32/float64 (the state dtype);
+    sqsums, sqdev: (K,) float64; all on one device. With N = counts_k + pending_k and the
+    exact mean m = means_k + sums_k / N in float64: sqdev_k += sqsums_k - ||sums_k||^2 / N
+    (clamped at 0), counts_k = N, pending_k = 0, means_k = m rounded to the state dtype,
+    and the rounding stays in the pending block: sums_k = N (m - means_k), sqsums_k =
+    ||sums_k||^2 / N (zero with a float64 state), so that later folds start from the exact
+    mean. No host synchronisation.
+    """
+    check_backend(means, "means")
+    torch.ops.collapse_ext.class_fold.default(counts, means, pending, sums, sqsums, sqdev)
+
+
+@torch.library.register_fake("collapse_ext::class_fold")
+def _class_fold_fake(counts, means, pending, sums, sqsums, sqdev):
+    torch._check(means.dim() == 2, lambda: "means must be 2-D (K, d)")
 
 
 @torch.library.register_fake("collapse_ext::class_accumulate")

@@ -15,6 +15,7 @@ from .lpm.solver import lpm_step_torch
 __all__ = [
     "PAIRWISE_FIELDS",
     "class_accumulate_reference",
+    "class_fold_reference",
     "class_stats_reference",
     "lpm_objective_grad_reference",
     "lpm_step_reference",
@@ -89,6 +90,34 @@ def class_accumulate_reference(
     sums.index_add_(0, y, e.to(sums.dtype))
     sqsums.index_add_(0, y, sq)
     return e[:rows].to(compute), status, means, pending, sums, sqsums
+
+
+def class_fold_reference(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    pending: torch.Tensor,
+    sums: torch.Tensor,
+    sqsums: torch.Tensor,
+    sqdev: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The contract of ``class_fold`` on copies, in float64: returns (counts, means,
+    pending, sums, sqsums, sqdev) after the fold."""
+    counts, means, pending, sums, sqsums, sqdev = (t.clone() for t in (counts, means, pending, sums, sqsums, sqdev))
+    rows = pending > 0
+    n = (counts + pending).double().clamp_min(1.0)
+    t = sums.double()
+    exact = means.double() + t / n.unsqueeze(1)
+    stored = exact.to(means.dtype)
+    residual = (n.unsqueeze(1) * (exact - stored.double())).to(sums.dtype)
+    folded_sqdev = (sqdev + sqsums - (t * t).sum(1) / n).clamp_min(0.0)
+    r = residual.double()
+    means[rows] = stored[rows]
+    sums[rows] = residual[rows]
+    sqdev[rows] = folded_sqdev[rows]
+    sqsums[rows] = ((r * r).sum(1) / n)[rows]
+    counts[rows] += pending[rows]
+    pending[rows] = 0
+    return counts, means, pending, sums, sqsums, sqdev
 
 
 def within_scatter_reference(

@@ -97,6 +97,9 @@ TORCH_LIBRARY(collapse_ext, m) {
   m.def(
       "class_accumulate(Tensor features, Tensor labels, Tensor counts, Tensor(a!) means, Tensor(b!) pending, "
       "Tensor(c!) sums, Tensor(d!) sqsums, float limit, bool return_centred=True) -> (Tensor, Tensor)");
+  m.def(
+      "class_fold(Tensor(a!) counts, Tensor(b!) means, Tensor(c!) pending, Tensor(d!) sums, Tensor(e!) sqsums, "
+      "Tensor(f!) sqdev) -> ()");
 
   // Pairwise and nearest-centre metrics.
   m.def(

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import collapsed_features, free_port, rel_err
+from helpers import collapsed_features, free_port, rel_err, stats_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -327,6 +327,30 @@ def test_float32_state_error_is_small():
     assert rel_err(light.within_cov(), exact.within_cov()) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("within_cov", [False, True])
+def test_float32_state_is_exact_far_from_the_origin(dtype, within_cov):
+    """Features 4e7 times their within-class spread from the origin: a float32 mean rounds
+    off by about the spread itself. The folds keep that rounding in the pending sums
+    (class_fold), so ss_k and S_W stay about the exact means through updates, merges and a
+    state_dict round trip (before, ss_k was off by 20-50% here)."""
+    x, y = collapsed_features(6000, 16, 6, 1e-4, offset=1e3, mean_norm=1.0, dtype=dtype)
+    _, mu, ss = class_stats_reference(x, y, 6)
+    sw = within_scatter_reference(x, y, mu)
+    kw = dict(state_dtype=torch.float32, within_cov=within_cov)
+    whole = stats_of(x, y, 6, batches=47, **kw)
+    merged = stats_of(x[:2500], y[:2500], 6, batches=20, **kw).merge(stats_of(x[2500:], y[2500:], 6, batches=27, **kw))
+    loaded = ClassStats(6, 16, **kw)
+    loaded.load_state_dict(stats_of(x[:2500], y[:2500], 6, batches=20, **kw).state_dict())
+    for xb, yb in zip(x[2500:].tensor_split(27), y[2500:].tensor_split(27)):
+        loaded.update(xb, yb)
+    for stats in (whole, merged, loaded):
+        assert torch.equal(stats.means, mu.float())  # the exact means, rounded once
+        assert rel_err(stats.sqdev, ss) <= 1e-7
+        if within_cov:
+            assert rel_err(stats.scatter, sw) <= 1e-6
+
+
 def test_load_state_dict_is_atomic_and_validated():
     x, y = collapsed_features(300, 8, 4, 1e-2)
     stats = ClassStats(4, 8).update(x, y)
@@ -351,6 +375,8 @@ def test_load_state_dict_is_atomic_and_validated():
         (corrupt(means=torch.full((4, 8), float("nan"), dtype=torch.float64)), r"state\['means'\]` to be finite"),
         (corrupt(sqdev=-good["sqdev"] - 1), r"state\['sqdev'\]` to be non-negative"),
         (corrupt(dim=9), "Expected a state with"),
+        (corrupt(residual=torch.zeros(3, 8)), r"state\['residual'\]` to be a tensor of shape \(4, 8\)"),
+        (corrupt(residual=torch.full((4, 8), float("inf"))), r"state\['residual'\]` to be a finite float tensor"),
         ([1, 2], "to be a dict"),
     ]
     for state, msg in bad:

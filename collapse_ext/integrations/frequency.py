@@ -16,6 +16,7 @@ from ..metrics import CollapseMetrics
 from ..monitor import MonitorResult
 from ..monitor.result import layer_entry
 from ..stats import ClassStats
+from ..stats.slots import select_classes
 
 __all__ = ["VIEWS", "FrequencyBuckets", "LMResult", "frequency_buckets", "restrict"]
 
@@ -80,15 +81,9 @@ def restrict(stats: ClassStats, classes: torch.Tensor | Sequence[int]) -> ClassS
     none (NC1's trace ratio needs it; the NC1 quotient and CDNV use the per-class ss_k)."""
     idx = torch.as_tensor(classes, dtype=torch.int64).to(stats.device)
     k = positive_int(idx.numel(), "len(classes)")
-    state = stats.state_dict()
+    state = select_classes(stats.state_dict(), idx)
     state.pop("scatter", None)
-    state.update(
-        num_classes=k,
-        within_cov=False,
-        counts=state["counts"][idx],
-        means=state["means"][idx],
-        sqdev=state["sqdev"][idx],
-    )
+    state.update(num_classes=k, within_cov=False)
     out = ClassStats(k, stats.dim, device=stats.device, within_cov=False, global_mean=stats.global_mean_mode)
     out.load_state_dict(state)
     return out

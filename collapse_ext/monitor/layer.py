@@ -12,6 +12,7 @@ import torch
 
 from .._ops import nearest_centre
 from ..stats import ClassStats
+from ..stats.slots import select_classes
 
 if TYPE_CHECKING:
     from .monitor import CollapseMonitor
@@ -204,8 +205,7 @@ class Layer:
 
 def drop_class(acc: ClassStats, k: int) -> ClassStats:
     """The statistics of classes 0..k-1 of ``acc`` as a k-class ClassStats."""
-    state = acc.state_dict()
-    state.update(num_classes=k, counts=state["counts"][:k], means=state["means"][:k], sqdev=state["sqdev"][:k])
+    state = select_classes(acc.state_dict(), torch.arange(k, device=acc.device))
     out = ClassStats(k, acc.dim, device=acc.device, within_cov=acc.within_cov_enabled, state_dtype=acc.state_dtype)
     out.load_state_dict(state)
     return out
@@ -213,14 +213,8 @@ def drop_class(acc: ClassStats, k: int) -> ClassStats:
 
 def add_class(stats: ClassStats, check: str) -> ClassStats:
     """``stats`` with one more, empty class (the accumulator of a monitored layer)."""
-    state = stats.state_dict()
     k, dev = stats.num_classes, stats.device
-    state.update(
-        num_classes=k + 1,
-        counts=torch.cat([state["counts"], torch.zeros(1, dtype=torch.int64, device=dev)]),
-        means=torch.cat([state["means"], state["means"].new_zeros(1, stats.dim)]),
-        sqdev=torch.cat([state["sqdev"], torch.zeros(1, dtype=torch.float64, device=dev)]),
-    )
+    state = select_classes(stats.state_dict(), torch.arange(-1, k, device=dev).roll(-1))  # 0 .. k-1, then -1
     out = ClassStats(
         k + 1, stats.dim, device=dev, within_cov=stats.within_cov_enabled, check=check, state_dtype=stats.state_dtype
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ops import class_accumulate
+from .._ops import class_accumulate, class_fold
 from .._validate import choice, float_dtype, positive_int
 from .batch import check_batch, refused_error
 from .merge import Mergeable
@@ -88,7 +88,7 @@ class ClassStats(StatePersistence, Mergeable):
         self._pending_rows = 0
         self._folded_rows = 0
         self._p_rows = 0  # rows in the float32 products since they were last added to S_W
-        self._corrections: list[torch.Tensor] = []  # float64 rows c: S_W -= c^T c, not yet applied
+        self._corrections: list[tuple[torch.Tensor, float]] = []  # (c, sign): S_W += sign c^T c, not yet applied
         self.wide_product = False
 
     @property
@@ -121,16 +121,59 @@ class ClassStats(StatePersistence, Mergeable):
     def scatter(self) -> torch.Tensor | None:
         """S_W = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T, (d, d) float64 (None without within_cov)."""
         self._fold()
-        return self._sw
+        return self._exact_scatter()
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
-        """The folded state (counts, means, sqdev[, scatter])."""
+        """The folded state (counts, means, sqdev[, scatter]) about the exact means: a
+        float32 state's stored means plus the rounding residual the last fold left
+        (float64), and S_W without that residual's rank-one terms."""
         self._fold()
-        return tuple(getattr(self, slot.attr) for slot in self._active(_FOLDED))
+        parts = [getattr(self, slot.attr) for slot in self._active(_FOLDED)]
+        parts[1] = self._exact_means()
+        if self._sw is not None:
+            parts[3] = self._exact_scatter()
+        return tuple(parts)
+
+    def _residual_scatter(self) -> torch.Tensor | None:
+        """sum_k t_k t_k^T / n_k over the folded residuals t_k = n_k (exact - stored mean),
+        which the folded S_W holds (it is the scatter about the stored means, see
+        _merge_block); None when there is none (a float64 state) or when its trace, sum_k
+        q_k, is below 1e-9 of S_W's: then it is under S_W's own float32 rounding and the
+        O(K d^2) product is skipped (it matters only when the features' common offset is
+        ~1e5 times their within-class spread or more)."""
+        if self._sw is None or self.state_dtype == torch.float64:
+            return None
+        with torch.no_grad(), torch.inference_mode(False):
+            if float(self._q.sum()) <= 1e-9 * float(self._sw.diagonal().sum()):
+                return None
+            g = self._t.double() / self._n.double().clamp_min(1.0).sqrt().unsqueeze(1)
+            return g.T @ g
+
+    def _exact_scatter(self) -> torch.Tensor | None:
+        residual = self._residual_scatter()
+        return self._sw if residual is None else self._sw - residual
+
+    def _exact_means(self) -> torch.Tensor:
+        """The folded means without their rounding: mu_k + t_k / n_k (after a fold t_k holds
+        the residual n_k (exact - stored), zero with a float64 state)."""
+        if self.state_dtype == torch.float64:
+            return self._mu
+        return self._mu.double() + self._t.double() / self._n.double().clamp_min(1.0).unsqueeze(1)
 
     def _assign(self, parts: tuple[torch.Tensor, ...]) -> None:
+        """Replace the folded state (nothing pending) by (counts, means, sqdev[, scatter]);
+        the means are rounded to the state dtype, their residual kept (class_fold's form)."""
         for slot, value in zip(self._active(_FOLDED), parts):
-            setattr(self, slot.attr, value.to(self._dtype(slot)))
+            if slot.attr != "_mu":
+                setattr(self, slot.attr, value.to(self._dtype(slot)))
+        exact = parts[1].double()
+        n = self._n.double().clamp_min(1.0).unsqueeze(1)
+        self._mu = exact.to(self.state_dtype)
+        self._t = (n * (exact - self._mu.double())).to(self.state_dtype)
+        self._q = self._t.double().square().sum(1) / n.squeeze(1)
+        residual = self._residual_scatter()
+        if residual is not None:
+            self._sw = self._sw + residual
 
     # ----------------------------------------------------------------- update
     def _place(self, features: torch.Tensor) -> None:
@@ -227,50 +270,34 @@ class ClassStats(StatePersistence, Mergeable):
             self._p_rows = 0
 
     def _merge_block(self, sync: bool) -> None:
+        """class_fold, O(K + touched x d); with S_W also its rank-one terms: -t_k t_k^T / N_k
+        for each class folded and, with a float32 state, + r_k r_k^T / N_k for the rounding
+        residual r_k = N_k (exact mean - stored mean) the fold leaves in the pending block
+        (csrc/class_fold.h). With ``sync`` these rows are gathered for the classes touched
+        since the last fold only (one host synchronisation), else for every class."""
         with torch.no_grad(), torch.inference_mode(False):
-            rows = self._m.nonzero().squeeze(1) if sync else None
-            if rows is not None and 4 * rows.numel() > self.num_classes:
-                rows = None  # most classes touched: one in-place pass over every row beats gathering them
-
-            def take(a: torch.Tensor) -> torch.Tensor:
-                return a if rows is None else a.index_select(0, rows)
-
-            m = take(self._m)
-            n = take(self._n) + m
-            nf = n.double().clamp_min(1.0)
-            # In the state dtype: a float32 state is folded in float32 (mixed-dtype ops would
-            # make (K, d) float64 copies, which cost more than the updates at K = 50k); t is
-            # already rounded to float32, so this loses nothing that matters.
-            t = take(self._t)
-            nf_t = nf.to(t.dtype).unsqueeze(1)
-            # clamped: with a float32 state, t is rounded while q is not, so a class whose rows
-            # all sit on its shift (ss = 0) could come out at -1e-20 instead. ||t_k|| is one
-            # reduction pass (float64 accumulation on the CPU, no (K, d) temporary; 4x faster
-            # than a batched dot at K = 50257)
-            t_sq = torch.linalg.vector_norm(t, dim=1).double().square()
-            ss = (take(self._ss) + take(self._q) - t_sq / nf).clamp_min_(0.0)
-            if self._sw is not None:
-                scaled = t.double() / nf.sqrt().unsqueeze(1)
-                if scaled.shape[0] > self.dim:  # as costly as a (d, d) pass anyway
-                    self._sw.addmm_(scaled.T, scaled, alpha=-1.0)
-                else:
-                    self._corrections.append(scaled)
-            if rows is None:
-                self._mu.addcdiv_(t, nf_t)
-                self._n, self._ss = n, ss
-                self._t.zero_()
-                self._m.zero_()
-                self._q.zero_()
+            if self._sw is None:
+                class_fold(self._n, self._mu, self._m, self._t, self._q, self._ss)
             else:
-                mu = take(self._mu).addcdiv_(t, nf_t)
-                self._n.index_copy_(0, rows, n)
-                self._mu.index_copy_(0, rows, mu)
-                self._ss.index_copy_(0, rows, ss)
-                self._t.index_fill_(0, rows, 0.0)
-                self._m.index_fill_(0, rows, 0)
-                self._q.index_fill_(0, rows, 0.0)
+                rows = self._m.nonzero().squeeze(1) if sync else None
+
+                def take(a: torch.Tensor) -> torch.Tensor:
+                    return a if rows is None else a.index_select(0, rows)
+
+                root = (take(self._n) + take(self._m)).double().clamp_min(1.0).sqrt().unsqueeze(1)
+                self._correct(take(self._t).double() / root, -1.0)
+                class_fold(self._n, self._mu, self._m, self._t, self._q, self._ss)
+                if self.state_dtype != torch.float64:
+                    self._correct(take(self._t).double() / root, 1.0)
         self._folded_rows += self._pending_rows
         self._pending_rows = 0
+
+    def _correct(self, rows: torch.Tensor, sign: float) -> None:
+        """S_W += sign * rows^T rows: now if it costs a (d, d) pass anyway, else queued."""
+        if rows.shape[0] > self.dim:
+            self._sw.addmm_(rows.T, rows, alpha=sign)
+        else:
+            self._corrections.append((rows, sign))
 
     def _flush_products(self) -> None:
         """S_W += P (the float32 products, and the float64 ones if any) - the waiting
@@ -279,10 +306,12 @@ class ClassStats(StatePersistence, Mergeable):
             return
         with torch.no_grad(), torch.inference_mode(False):
             self._sw.add_(self._p)  # promoted to float64 element by element, no copy
-            if self._corrections:
-                c = torch.cat(self._corrections)
-                self._sw.addmm_(c.T, c, alpha=-1.0)
-                self._corrections = []
+            for sign in (-1.0, 1.0):
+                rows = [c for c, s in self._corrections if s == sign]
+                if rows:
+                    c = torch.cat(rows)
+                    self._sw.addmm_(c.T, c, alpha=sign)
+            self._corrections = []
             if self._p64 is not None:
                 self._sw += self._p64
                 self._p64 = None

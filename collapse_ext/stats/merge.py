@@ -16,7 +16,8 @@ class Mergeable:
 
     def _merged(self, other: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Chan et al. pairwise merge of this (folded) state with another (counts, means, sqdev[, scatter])."""
-        n_a, mu_a, ss_a = self._parts()[:3]
+        mine = self._parts()
+        n_a, mu_a, ss_a = mine[:3]
         n_b, mu_b, ss_b = other[:3]
         n = n_a + n_b
         na, nb, nf = n_a.double(), n_b.double(), n.double()
@@ -28,7 +29,7 @@ class Mergeable:
         merged = (n, mu, ss)
         if self._sw is not None:
             scaled = delta * c.unsqueeze(1)
-            merged += (self._sw + other[3] + scaled.T @ delta,)
+            merged += (mine[3] + other[3] + scaled.T @ delta,)
         return merged
 
     def merge(self, other: ClassStats) -> ClassStats:
@@ -44,7 +45,7 @@ class Mergeable:
         if self.within_cov_enabled and not other.within_cov_enabled:
             raise ValueError("Expected `other` to track within_cov like this ClassStats")
         other.check_rejected()
-        parts = other._parts()[:3] + ((other._sw,) if self._sw is not None else ())
+        parts = other._parts()[: 4 if self._sw is not None else 3]
         self._assign(self._merged(tuple(p.to(self.device) for p in parts)))
         self._folded_rows = int(self._n.sum())
         return self
@@ -68,7 +69,7 @@ class Mergeable:
         self._fold()
         k, d = self.num_classes, self.dim
         n_local = self._n.double()
-        mu_local = self._mu.double()
+        mu_local = self._exact_means().double()
         first = torch.cat([n_local, (mu_local * n_local.unsqueeze(1)).flatten()])
         dist.all_reduce(first, group=group)
         n = first[:k]
@@ -77,15 +78,14 @@ class Mergeable:
         delta = torch.where(n_local.unsqueeze(1) > 0, delta, torch.zeros_like(delta))
         second = [self._ss + n_local * (delta * delta).sum(1)]
         if self._sw is not None:
-            second.append((self._sw + (delta * n_local.unsqueeze(1)).T @ delta).flatten())
+            second.append((self._exact_scatter() + (delta * n_local.unsqueeze(1)).T @ delta).flatten())
         flat = torch.cat(second)
         dist.all_reduce(flat, group=group)
-        self._n = n.round().long()
-        self._folded_rows = int(self._n.sum())
-        self._mu = mu.to(self.state_dtype)
-        self._ss = flat[:k].clone()
+        parts = (n.round().long(), mu, flat[:k].clone())
         if self._sw is not None:
-            self._sw = flat[k:].view(d, d).clone()
+            parts += (flat[k:].view(d, d).clone(),)
+        self._assign(parts)
+        self._folded_rows = int(self._n.sum())
         return self
 
     def _agree_shapes(self, dist: Any, group: Any) -> None:

@@ -36,13 +36,30 @@ _SLOTS = (
     _Slot("_sw", "scatter", "dd", "float64", cov=True),
     # Deferred-mode rejections: batches, rows.
     _Slot("_rejected", "rejected", "2", "int64"),
-    # Pending block about the shifts c_k (the _mu rows).
+    # Pending block about the shifts c_k (the _mu rows). After a fold _t_k holds the
+    # rounding residual n_k (exact mean - stored mean) of a float32 state (class_fold),
+    # which state_dict() saves as "residual".
     _Slot("_m", None, "K", "int64"),
     _Slot("_t", None, "Kd", "state"),
     _Slot("_q", None, "K", "float64"),
     _Slot("_p", None, "dd", "float32", cov=True),
 )
 _FOLDED = tuple(slot for slot in _SLOTS if slot.key in ("counts", "means", "sqdev", "scatter"))
+
+
+def select_classes(state: dict[str, Any], classes: torch.Tensor) -> dict[str, Any]:
+    """A ``ClassStats.state_dict()`` for the classes ``classes`` (K',) int64 of ``state``:
+    class j of the result is class ``classes[j]``, or a new empty class where it is -1.
+    The per-class entries are re-indexed; S_W, pooled over the classes, is left as it is."""
+    out = dict(state)
+    out["num_classes"] = int(classes.numel())
+    keep = classes >= 0
+    for key in ("counts", "means", "sqdev", "residual"):
+        if key in state:
+            value = state[key].index_select(0, classes.clamp_min(0).to(state[key].device))
+            mask = keep.to(value.device).reshape(-1, *([1] * (value.dim() - 1)))
+            out[key] = torch.where(mask, value, torch.zeros_like(value))
+    return out
 
 
 class StatePersistence:
@@ -73,6 +90,12 @@ class StatePersistence:
         for slot in self._active():
             if slot.key is not None:
                 state[slot.key] = getattr(self, slot.attr).clone()
+        if self._sw is not None:
+            state["scatter"] = self._exact_scatter().clone()
+        if self.state_dtype != torch.float64:
+            # The means' rounding, which the fold keeps in the pending sums (class_fold):
+            # with it a float32 state loads exactly as it was saved.
+            state["residual"] = self._t.clone()
         return state
 
     def load_state_dict(self, state: Any) -> None:
@@ -85,6 +108,13 @@ class StatePersistence:
         for slot in self._active():
             if slot.key in tensors:
                 setattr(new, slot.attr, tensors[slot.key].to(self.device, self._dtype(slot)).clone())
+        if "residual" in tensors:  # the exact means, rounded to this state's dtype again
+            exact = new._mu.double() + tensors["residual"].to(self.device, torch.float64) / new._n.double().clamp_min(
+                1.0
+            ).unsqueeze(1)
+            new._assign(
+                tuple(exact if slot.attr == "_mu" else getattr(new, slot.attr) for slot in new._active(_FOLDED))
+            )
         new.global_mean_mode = mode
         new._folded_rows = int(new._n.sum())
         self.__dict__.update(new.__dict__)
@@ -126,6 +156,15 @@ class StatePersistence:
                 if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"Expected {name} to be finite")
             tensors[slot.key] = value
+        residual = state.get("residual")
+        if residual is not None:
+            shape = (self.num_classes, self.dim)
+            if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape:
+                got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+                raise ValueError(f"Expected `state['residual']` to be a tensor of shape {shape}, got {got}")
+            if not residual.is_floating_point() or not bool(torch.isfinite(residual).all()):
+                raise ValueError("Expected `state['residual']` to be a finite float tensor")
+            tensors["residual"] = residual
         if bool((tensors["sqdev"] < 0).any()):
             raise ValueError("Expected `state['sqdev']` to be non-negative")
         return tensors, mode
