@@ -5,6 +5,7 @@
 
 #include <torch/all.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 
@@ -59,23 +60,41 @@ struct NearestCentreSetup {
   at::Tensor shift;  // (K,) float64: W c + b, or undefined
 };
 
+// Rows of the (K, d) inputs per step of the set-up: its float64 temporaries stay near
+// 32 MiB whatever K (whole (K, d) float64 copies were 8 GiB each at K = 250 000, d = 4096).
+inline int64_t setup_rows(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(d, 1)); }
+
 inline NearestCentreSetup nearest_centre_setup(const at::Tensor& means, const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& present, at::ScalarType compute) {
   NearestCentreSetup s;
-  const at::Tensor mu = means.to(at::kDouble);
-  const at::Tensor mask = present.has_value() ? *present : at::ones({means.size(0)}, means.options().dtype(at::kBool));
+  const int64_t k = means.size(0), d = means.size(1), step = setup_rows(d);
+  const auto f64 = means.options().dtype(at::kDouble);
+  const at::Tensor mask = present.has_value() ? *present : at::ones({k}, means.options().dtype(at::kBool));
   const at::Tensor w = mask.to(at::kDouble).unsqueeze(1);
-  s.centre = (mu * w).sum(0) / w.sum().clamp_min(1.0);
-  const at::Tensor shifted = (mu - s.centre).to(compute);
-  s.mu_sq = shifted.to(at::kDouble).square().sum(1).masked_fill(mask.logical_not(),
-                                                                std::numeric_limits<double>::infinity());
-  s.stacked = weight.has_value() ? at::cat({shifted, weight->to(compute)}, 0) : shifted.contiguous();
-  if (weight.has_value()) {
-    s.shift = at::mv(weight->to(at::kDouble), s.centre);
-    if (bias.has_value()) s.shift = s.shift + bias->to(at::kDouble);
-    s.shift = s.shift.contiguous();
+  at::Tensor total = at::zeros({d}, f64);
+  for (int64_t r = 0; r < k; r += step) {
+    const int64_t rows = std::min(step, k - r);
+    total += (means.narrow(0, r, rows).to(at::kDouble) * w.narrow(0, r, rows)).sum(0);
   }
+  s.centre = total / w.sum().clamp_min(1.0);
+  const int64_t stacked_rows = weight.has_value() ? 2 * k : k;
+  s.stacked = at::empty({stacked_rows, d}, means.options().dtype(compute));
+  s.mu_sq = at::empty({k}, f64);
+  if (weight.has_value()) s.shift = at::empty({k}, f64);
+  for (int64_t r = 0; r < k; r += step) {
+    const int64_t rows = std::min(step, k - r);
+    at::Tensor shifted = s.stacked.narrow(0, r, rows);
+    shifted.copy_(means.narrow(0, r, rows).to(at::kDouble) - s.centre);
+    s.mu_sq.narrow(0, r, rows).copy_(shifted.to(at::kDouble).square().sum(1));
+    if (weight.has_value()) {
+      const at::Tensor wr = weight->narrow(0, r, rows);
+      s.stacked.narrow(0, k + r, rows).copy_(wr);
+      s.shift.narrow(0, r, rows).copy_(at::mv(wr.to(at::kDouble), s.centre));
+    }
+  }
+  s.mu_sq.masked_fill_(mask.logical_not(), std::numeric_limits<double>::infinity());
+  if (bias.has_value()) s.shift += bias->to(at::kDouble);
   return s;
 }
 

@@ -81,6 +81,18 @@ def test_present_mask_and_absent_centres(device):
     assert tallies.tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("means_dtype", [torch.float32, torch.float64])
+def test_set_up_in_row_blocks(device, means_dtype):
+    """The centres are shifted, rounded and normed in blocks of 2^22 / d rows (512 at
+    d = 8192), so K = 1100 takes three, the last partial; the classifier rows, W c + b and
+    the present mask follow the same blocks; the common offset tests the float64 centre."""
+    x, y, mu, w, b = problem(96, 8192, 1100, seed=4, device=device, spread=1.0)
+    x, mu = x + 50.0, (mu + 50.0).to(means_dtype)
+    present = torch.arange(1100, device=device) % 7 != 3
+    check(x, y, mu, w, b, present)
+    check(x, y, mu)
+
+
 def test_large_offset_needs_the_shift(device):
     x, y = collapsed_features(3000, 32, 10, noise=1e-3, offset=1e4)
     means = class_stats_reference(x, y, 10)[1]

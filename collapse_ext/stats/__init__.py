@@ -16,12 +16,19 @@ with e_i formed in float64 (each class's rows of a batch summed in float64 and a
 t_k once) and P accumulated in float32 (float64 for fp64 features, or when float32 could
 overflow). A fold (every ``fold_rows`` rows when the block has P; when a block holds as
 many rows as all folds before it, if it has P or a float32 state; and before any read)
-merges the block exactly, in place over every row when most classes were touched, through
-the touched rows otherwise: with N_k = n_k + m_k and c_k the exact mean of the n_k folded
-rows (Chan, Golub & LeVeque 1979),
+merges the block exactly (the ``class_fold`` op, visiting the classes with m_k > 0 only):
+with N_k = n_k + m_k and c_k + t_k / N_k the exact mean of the N_k rows (Chan, Golub &
+LeVeque 1979),
 
     mu_k <- c_k + t_k / N_k,   ss_k <- ss_k + q_k - ||t_k||^2 / N_k,
     S_W  <- S_W + P - sum_k t_k t_k^T / N_k.
+
+A float32 state stores mu_k rounded; the fold keeps the rounding in the pending block,
+t_k <- N_k (exact - stored mean), q_k <- ||t_k||^2 / N_k, and S_W gains t_k t_k^T / N_k,
+as if N_k rows sat at the exact mean: so c_k + t_k / n_k above is always the exact mean of
+the folded rows, and ss_k and S_W are about exact means (reads of S_W subtract the
+outstanding residuals' terms when they are not negligible). A float64 state's residual is
+zero.
 
 The first blocks fold early (after 1, 2, 4, ... batches) to renew the shifts; those
 folds update the (K, d) state only and queue their corrections, and P joins S_W (with
