@@ -78,3 +78,24 @@ def test_errors():
 def test_opcheck(device):
     state = _state(20, 6, device, torch.float32)
     torch.library.opcheck(torch.ops.collapse_ext.class_fold.default, tuple(state))
+
+
+def test_compiles_under_torch_compile(device):
+    """Accumulate and fold in one compiled graph (the ops' fake kernels), as a fused
+    training step would; same state as eager."""
+    from collapse_ext import class_accumulate
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(64, 8, generator=g) + 100).to(device)
+    y = torch.randint(0, 5, (64,), generator=g).to(device)
+
+    def step(x, y, state):
+        _, status = class_accumulate(x, y, state[0], state[1], state[2], state[3], state[4], 1e30, False)
+        class_fold(*state)
+        return status
+
+    states = [_state(5, 8, device, torch.float32, seed=7, offset=100.0) for _ in range(2)]
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert compiled(x, y, states[0])[0] == 1 and step(x, y, states[1])[0] == 1
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
