@@ -217,7 +217,7 @@ def test_device_follows_first_batch_and_rejects_mixing():
         s.update(torch.randn(2, 3, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
 
 
-def _all_reduce_worker(rank, world, port, x, y, out):
+def _all_reduce_worker(rank, world, port, x, y, out, state_dtype=torch.float64):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -225,7 +225,9 @@ def _all_reduce_worker(rank, world, port, x, y, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mine = slice(rank * 97, None if rank == world - 1 else (rank + 1) * 97)  # uneven shards
-        stats = ClassStats(6, x.shape[1]).update(x[mine], y[mine])
+        stats = ClassStats(6, x.shape[1], state_dtype=state_dtype)
+        for xb, yb in zip(x[mine].split(16), y[mine].split(16)):
+            stats.update(xb, yb)
         stats.all_reduce()
         torch.save(stats.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -244,6 +246,21 @@ def test_gloo_all_reduce_matches_one_pass(tmp_path):
         assert rel_err(got.means, whole.means) <= 1e-12
         assert rel_err(got.sqdev, whole.sqdev) <= 1e-9
         assert rel_err(got.within_cov(), whole.within_cov()) <= 1e-9
+
+
+def test_gloo_all_reduce_of_float32_states_is_exact_far_from_the_origin(tmp_path):
+    """Shards of features 4e7 times their spread from the origin: the ranks' float32 means
+    round off by about the spread, the residuals the folds keep make the reduction exact."""
+    x, y = collapsed_features(400, 10, 6, 1e-4, offset=1e3, mean_norm=1.0)
+    mp.spawn(_all_reduce_worker, args=(2, free_port(), x, y, str(tmp_path), torch.float32), nprocs=2, join=True)
+    _, mu, ss = class_stats_reference(x, y, 6)
+    sw = within_scatter_reference(x, y, mu)
+    for rank in range(2):
+        got = ClassStats(6, 10, state_dtype=torch.float32)
+        got.load_state_dict(torch.load(tmp_path / f"rank{rank}.pt"))
+        assert torch.equal(got.means, mu.float())
+        assert rel_err(got.sqdev, ss) <= 1e-7
+        assert rel_err(got.scatter, sw) <= 1e-6
 
 
 def test_update_detaches_features_that_require_grad():
