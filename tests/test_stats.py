@@ -63,6 +63,47 @@ def _split_points(draw_indices, n):
     return sorted(set(i for i in draw_indices if 0 < i < n))
 
 
+def _merge_tree(parts, tree):
+    """Merge in a random tree: repeatedly merge a random pair (choices from ``tree``)."""
+    choice = iter(tree * 4)
+    while len(parts) > 1:
+        i = next(choice) % len(parts)
+        a = parts.pop(i)
+        j = next(choice) % len(parts)
+        parts[j] = a.merge(parts[j]) if next(choice) % 2 else parts[j].merge(a)
+    return parts[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 160), max_size=6),
+    batch=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    tree=st.lists(st.integers(0, 100), min_size=8, max_size=8),
+)
+def test_float32_state_split_and_merge_stay_exact(cuts, batch, seed, tree):
+    """A float32 state on features 1e7 times their spread from the origin, fed in any
+    batches, split at any rows and merged in any tree: the means are the exact ones rounded
+    (within one float32 step), ss_k and S_W about the exact means."""
+    g = torch.Generator().manual_seed(seed)
+    n, d, k = 160, 6, 5
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1e-4 + 1e3
+    y = torch.randint(0, k, (n,), generator=g)
+    _, mu, ss = class_stats_reference(x, y, k)
+    sw = within_scatter_reference(x, y, mu)
+    points = [0] + _split_points(cuts, n) + [n]
+    parts = []
+    for a, b in zip(points[:-1], points[1:]):
+        part = ClassStats(k, d, state_dtype=torch.float32)
+        for xb, yb in zip(x[a:b].split(batch), y[a:b].split(batch)):
+            part.update(xb, yb)
+        parts.append(part)
+    merged = _merge_tree(parts, tree)
+    assert rel_err(merged.means, mu) <= 1e-7
+    assert rel_err(merged.sqdev, ss) <= 1e-6
+    assert rel_err(merged.scatter, sw) <= 1e-6
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     cuts=st.lists(st.integers(0, 120), max_size=6),
@@ -77,14 +118,7 @@ def test_batch_split_and_merge_tree_invariance(cuts, seed, tree):
     whole = ClassStats(k, d).update(x, y)
     points = [0] + _split_points(cuts, n) + [n]
     parts = [ClassStats(k, d).update(x[a:b], y[a:b]) for a, b in zip(points[:-1], points[1:])]
-    # Merge in a random tree: repeatedly merge a random pair.
-    choice = iter(tree * 4)
-    while len(parts) > 1:
-        i = next(choice) % len(parts)
-        a = parts.pop(i)
-        j = next(choice) % len(parts)
-        parts[j] = a.merge(parts[j]) if next(choice) % 2 else parts[j].merge(a)
-    merged = parts[0]
+    merged = _merge_tree(parts, tree)
     assert torch.equal(merged.counts, whole.counts)
     assert rel_err(merged.means, whole.means) <= 1e-12
     assert rel_err(merged.sqdev, whole.sqdev) <= 1e-10
