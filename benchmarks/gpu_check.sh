@@ -302,24 +302,38 @@ for tool in memcheck racecheck; do
 done
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------
-# The language-model issue's GPU target: pairwise statistics of K = 250 000 rows, d = 4096
-# (a 4 GB input; the plain K x K way, 250 GB, is not run) in under 10 s on an H100.
-TARGET=(benchmarks/bench_metrics.py --device cuda --ks 250000 --max-k 250000 --pairwise-d 4096 --repeats 1
-    --nearest-n 1000 --json "$OUTDIR/pairwise_250k.json")
-if [ "$GPU" = 0 ]; then
-    log "no GPU: skipping the pairwise target (would run: timeout 150 $PYTHON ${TARGET[*]})"
-    note "target pairwise_stats K=250000 d=4096 (< 10 s on an H100): not run (no GPU)"
-elif [ "$BUILT" = 0 ]; then
-    note "target pairwise_stats K=250000 d=4096: not run, the build failed"
-elif t=$(step_time 150 "target pairwise_stats K=250000 d=4096"); then
-    log "pairwise target ${TARGET[*]} (at most $t s)"
-    timeout -k 5 "$t" "$PYTHON" "${TARGET[@]}" >"$OUTDIR/pairwise_250k.log" 2>&1
-    rc=$?
-    row="$(grep -E '^\| pairwise_stats' "$OUTDIR/pairwise_250k.log" | head -n 1)"
-    note "target pairwise_stats K=250000 d=4096 (< 10 s on an H100): $(said_rc $rc) (pairwise_250k.log)"
-    note "    ${row:0:220}"
-    [ "$rc" = 0 ] || STATUS=1
-fi
+# One benchmark command ($4...: a script and its arguments): without a GPU or a build it is
+# noted as not run; else it runs within $3 seconds (and the budget) into OUTDIR/$2.log and
+# its headline rows go into the summary under the label $1.
+run_bench() {
+    local label=$1 log_name=$2 cap=$3 t rc json rows line
+    shift 3
+    if [ "$GPU" = 0 ]; then
+        log "no GPU: skipping $label (would run: timeout $cap $PYTHON $*)"
+        note "$label: not run (no GPU)"
+    elif [ "$BUILT" = 0 ]; then
+        note "$label: not run, the build failed"
+    elif t=$(step_time "$cap" "$label"); then
+        log "$label: $* (at most $t s)"
+        timeout -k 5 "$t" "$PYTHON" "$@" >"$OUTDIR/$log_name.log" 2>&1
+        rc=$?
+        log "$label: $(said_rc $rc)"
+        json=""
+        if [ -s "$OUTDIR/$log_name.json" ]; then json=", $log_name.json"; fi
+        note "$label: $(said_rc $rc) ($log_name.log$json)"
+        # headline rows: a markdown table's header and first rows, else the last lines
+        rows="$(grep -E '^\|' "$OUTDIR/$log_name.log" | grep -vE '^\|(-+\|)+$' | head -n 4)"
+        [ -n "$rows" ] || rows="$(grep -v '^[[:space:]]*$' "$OUTDIR/$log_name.log" | tail -n 2)"
+        while IFS= read -r line; do note "    ${line:0:220}"; done <<<"$rows"
+        [ "$rc" = 0 ] || STATUS=1
+    fi
+}
+
+# The language-model issue's GPU target first: pairwise statistics of K = 250 000 rows,
+# d = 4096 (a 4 GB input; the plain K x K way, 250 GB, is not run) in under 10 s on an H100.
+run_bench "target pairwise_stats K=250000 d=4096 (< 10 s on an H100)" pairwise_250k 150 \
+    benchmarks/bench_metrics.py --device cuda --ks 250000 --max-k 250000 --pairwise-d 4096 --repeats 1 \
+    --nearest-n 1000 --json "$OUTDIR/pairwise_250k.json"
 
 # Smaller sizes for the benchmarks that have no --quick (only options each script has).
 quick_args() {
@@ -350,25 +364,7 @@ for f in benchmarks/bench_*.py; do
         fi
     done
     BENCHES+=("$name")
-    if [ "$GPU" = 0 ]; then
-        log "no GPU: skipping benchmark $name (would run: timeout 60 $PYTHON $f ${args[*]})"
-        note "bench $name: not run (no GPU)"
-    elif [ "$BUILT" = 0 ]; then
-        note "bench $name: not run, the build failed"
-    elif t=$(step_time 60 "bench $name"); then
-        log "benchmark $name ${args[*]} (at most $t s)"
-        timeout -k 5 "$t" "$PYTHON" "$f" "${args[@]}" >"$OUTDIR/$name.log" 2>&1
-        rc=$?
-        log "$name: $(said_rc $rc)"
-        json=""
-        if [ -s "$OUTDIR/$name.json" ]; then json=", $name.json"; fi
-        note "bench $name: $(said_rc $rc) ($name.log$json)"
-        # headline rows: a markdown table's header and first rows, else the last lines
-        rows="$(grep -E '^\|' "$OUTDIR/$name.log" | grep -vE '^\|(-+\|)+$' | head -n 4)"
-        [ -n "$rows" ] || rows="$(grep -v '^[[:space:]]*$' "$OUTDIR/$name.log" | tail -n 2)"
-        while IFS= read -r line; do note "    ${line:0:220}"; done <<<"$rows"
-        [ "$rc" = 0 ] || STATUS=1
-    fi
+    run_bench "benchmark $name" "$name" 60 "$f" "${args[@]}"
 done
 [ "${#BENCHES[@]}" -gt 0 ] || note "benchmarks: none take --device"
 

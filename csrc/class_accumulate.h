@@ -16,6 +16,7 @@
 #include <torch/all.h>
 
 #include "checks.h"
+#include "class_state.h"
 #include "common.h"
 
 namespace collapse_ext {
@@ -34,25 +35,8 @@ inline ClassAccumulateArgs class_accumulate_args(const at::Tensor& features, con
                                                  const at::Tensor& sqsums, bool return_centred) {
   check_features_labels(features, labels);
   check_means(means, features);
+  check_class_state(counts, means, pending, sums, sqsums);
   const int64_t k = means.size(0);
-  TORCH_CHECK(means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble,
-              "means must be float32 or float64 (the state dtype), got ", means.scalar_type());
-  TORCH_CHECK(means.is_contiguous(), "means must be contiguous");
-  TORCH_CHECK(sums.sizes() == means.sizes() && sums.scalar_type() == means.scalar_type() && sums.is_contiguous(),
-              "sums must be a contiguous tensor of the shape and dtype of means ", means.sizes(), " ",
-              means.scalar_type(), ", got ", sums.sizes(), " ", sums.scalar_type());
-  for (const auto* t : {&counts, &pending}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == at::kLong && t->is_contiguous(),
-                "counts and pending must be contiguous (K,) int64 with K = ", k, ", got ", t->sizes(), " ",
-                t->scalar_type());
-    CE_CHECK_SAME_DEVICE(*t, features, "counts/pending", "features");
-  }
-  TORCH_CHECK(sqsums.dim() == 1 && sqsums.size(0) == k && sqsums.scalar_type() == at::kDouble &&
-                  sqsums.is_contiguous(),
-              "sqsums must be contiguous (K,) float64 with K = ", k, ", got ", sqsums.sizes(), " ",
-              sqsums.scalar_type());
-  CE_CHECK_SAME_DEVICE(sums, features, "sums", "features");
-  CE_CHECK_SAME_DEVICE(sqsums, features, "sqsums", "features");
   ClassAccumulateArgs a;
   a.x = unit_stride_columns(features);
   a.y = labels.contiguous();

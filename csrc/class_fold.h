@@ -16,34 +16,8 @@
 
 #include <torch/all.h>
 
-#include "checks.h"
-#include "common.h"
+#include "class_state.h"
 
 namespace collapse_ext {
-
-inline void class_fold_check(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& pending,
-                             const at::Tensor& sums, const at::Tensor& sqsums, const at::Tensor& sqdev) {
-  TORCH_CHECK(means.dim() == 2, "means must be 2-D (K, d), got ", means.dim(), "-D");
-  TORCH_CHECK(means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble,
-              "means must be float32 or float64 (the state dtype), got ", means.scalar_type());
-  TORCH_CHECK(means.is_contiguous(), "means must be contiguous");
-  const int64_t k = means.size(0);
-  TORCH_CHECK(sums.sizes() == means.sizes() && sums.scalar_type() == means.scalar_type() && sums.is_contiguous(),
-              "sums must be a contiguous tensor of the shape and dtype of means ", means.sizes(), " ",
-              means.scalar_type(), ", got ", sums.sizes(), " ", sums.scalar_type());
-  for (const auto* t : {&counts, &pending}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == at::kLong && t->is_contiguous(),
-                "counts and pending must be contiguous (K,) int64 with K = ", k, ", got ", t->sizes(), " ",
-                t->scalar_type());
-    CE_CHECK_SAME_DEVICE(*t, means, "counts/pending", "means");
-  }
-  for (const auto* t : {&sqsums, &sqdev}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == at::kDouble && t->is_contiguous(),
-                "sqsums and sqdev must be contiguous (K,) float64 with K = ", k, ", got ", t->sizes(), " ",
-                t->scalar_type());
-    CE_CHECK_SAME_DEVICE(*t, means, "sqsums/sqdev", "means");
-  }
-  CE_CHECK_SAME_DEVICE(sums, means, "sums", "means");
-}
 
 }  // namespace collapse_ext

@@ -69,7 +69,7 @@ def test_errors():
         class_fold(counts, means, pending, sums.float(), sqsums, sqdev)
     with pytest.raises(RuntimeError, match="counts and pending must be contiguous"):
         class_fold(counts.int(), means, pending, sums, sqsums, sqdev)
-    with pytest.raises(RuntimeError, match="sqsums and sqdev must be contiguous"):
+    with pytest.raises(RuntimeError, match="sqdev must be contiguous"):
         class_fold(counts, means, pending, sums, sqsums, sqdev[:2])
     with pytest.raises(RuntimeError, match="means must be 2-D"):
         class_fold(counts, means[0], pending, sums[0], sqsums, sqdev)

@@ -26,7 +26,7 @@ def test_dry_run_skips_gpu_steps_and_summarises(tmp_path):
         assert f"no GPU: skipping {step}" in text, text
     assert "no GPU: skipping benchmark bench_class_stats" in text
     assert "--device cuda --quick --json" in text
-    assert "no GPU: skipping the pairwise target" in text and "--ks 250000 --max-k 250000 --pairwise-d 4096" in text
+    assert "no GPU: skipping target pairwise_stats K=250000" in text and "--ks 250000 --max-k 250000" in text
     summary = text[text.index("==== collapse_ext GPU check summary") :]
     assert "DRY RUN" in summary and "tests: not run (no GPU)" in summary
     assert (out / "summary.txt").read_text().strip() == summary.strip()

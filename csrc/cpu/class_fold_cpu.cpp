@@ -46,7 +46,7 @@ void fold_class(int64_t d, int64_t& count, state_t* __restrict__ mean, int64_t& 
 
 void class_fold_cpu(at::Tensor& counts, at::Tensor& means, at::Tensor& pending, at::Tensor& sums, at::Tensor& sqsums,
                     at::Tensor& sqdev) {
-  class_fold_check(counts, means, pending, sums, sqsums, sqdev);
+  check_class_state(counts, means, pending, sums, sqsums, &sqdev);
   const int64_t k = means.size(0), d = means.size(1);
   int64_t* n = counts.data_ptr<int64_t>();
   int64_t* m = pending.data_ptr<int64_t>();

@@ -53,7 +53,7 @@ __global__ void fold_kernel(int64_t k, int64_t d, int64_t* __restrict__ counts, 
 
 void class_fold_cuda(at::Tensor& counts, at::Tensor& means, at::Tensor& pending, at::Tensor& sums,
                      at::Tensor& sqsums, at::Tensor& sqdev) {
-  class_fold_check(counts, means, pending, sums, sqsums, sqdev);
+  check_class_state(counts, means, pending, sums, sqsums, &sqdev);
   COLLAPSE_DEVICE_GUARD(means);
   const int64_t k = means.size(0), d = means.size(1);
   if (k == 0) return;
