@@ -28,8 +28,14 @@ $(INSTALLED): $(DEPS) $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# An in-place build newer than every source (`setup.py build_ext --inplace` after an
+# editable install) is current: the editable rebuild would only compile it all again.
 build: $(DEPS)
 	@ls collapse_ext/_C*.so >/dev/null 2>&1 || rm -f $(INSTALLED)
+	@so=$$(ls -t collapse_ext/_C*.so 2>/dev/null | head -n 1); \
+	if [ -f $(INSTALLED) ] && [ -n "$$so" ] && [ -z "$$(find $(SOURCES) -newer "$$so" | head -n 1)" ]; then \
+		touch $(INSTALLED); \
+	fi
 	@$(MAKE) --no-print-directory $(INSTALLED)
 
 test: build
